@@ -1,0 +1,331 @@
+//! Control-plane (budapp) REST DTOs.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+/// A list of `$item` with the cursor of the next page (absent on the last page).
+macro_rules! list {
+    ($(#[$doc:meta])* $name:ident, $item:ty) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+        pub struct $name {
+            pub data: Vec<$item>,
+            /// Pass as `cursor` to get the next page; absent when this is the last page.
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub next_cursor: Option<String>,
+        }
+    };
+}
+
+// ---- health -----------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct HealthDto {
+    /// `ok`/`ready` when healthy, `not_ready` otherwise.
+    pub status: String,
+    /// Per-dependency result, e.g. `{"database": "ok"}`.
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    #[schema(value_type = Object)]
+    pub checks: serde_json::Map<String, serde_json::Value>,
+}
+
+// ---- identity ---------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    pub email: String,
+    pub password: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RefreshRequest {
+    pub refresh_token: String,
+}
+
+/// Tokens from the built-in issuer. The refresh token is single-use: each refresh returns a new
+/// one, and presenting a used one again revokes the whole session.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TokenResponse {
+    pub access_token: String,
+    /// Always `Bearer`.
+    pub token_type: String,
+    /// Seconds until the access token expires.
+    pub expires_in: i64,
+    pub refresh_token: String,
+}
+
+// ---- users and permissions ---------------------------------------------------------------------
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct UserDto {
+    pub id: Uuid,
+    pub email: String,
+    pub name: String,
+    /// `admin`, `developer`, `devops` or `tester`.
+    pub role: String,
+    /// Provisioned from an external identity provider (no local password).
+    pub external: bool,
+    pub disabled: bool,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+list!(UserList, UserDto);
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateUserRequest {
+    pub email: String,
+    pub name: String,
+    pub role: String,
+    /// At least 12 characters.
+    pub password: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateUserRequest {
+    pub name: Option<String>,
+    pub role: Option<String>,
+    pub password: Option<String>,
+    pub disabled: Option<bool>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct GrantDto {
+    pub id: Uuid,
+    /// `<module>:<view|manage>`.
+    pub permission: String,
+    /// Set for project-scoped permissions (`endpoint:*`, `key:*`).
+    pub project_id: Option<Uuid>,
+    pub granted_by: Option<Uuid>,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ProjectPermissionsDto {
+    pub project_id: Uuid,
+    pub permissions: Vec<String>,
+}
+
+/// Everything a user may do: from the role, from explicit grants, and the result per project.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PermissionsDto {
+    pub user_id: Uuid,
+    pub role: String,
+    pub role_permissions: Vec<String>,
+    pub grants: Vec<GrantDto>,
+    /// Platform-wide permissions (role and platform grants).
+    pub platform: Vec<String>,
+    /// Effective project-scoped permissions in each project the user can see.
+    pub projects: Vec<ProjectPermissionsDto>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GrantRequest {
+    pub user_id: Uuid,
+    pub permission: String,
+    #[serde(default)]
+    pub project_id: Option<Uuid>,
+}
+
+// ---- projects -----------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ProjectDto {
+    pub id: Uuid,
+    pub name: String,
+    pub description: String,
+    pub created_by: Option<Uuid>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+list!(ProjectList, ProjectDto);
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateProjectRequest {
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateProjectRequest {
+    pub name: Option<String>,
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct MemberDto {
+    pub user_id: Uuid,
+    pub email: String,
+    pub name: String,
+    pub added_at: DateTime<Utc>,
+}
+
+list!(MemberList, MemberDto);
+
+/// Names the user to add by id or by email (exactly one).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AddMemberRequest {
+    #[serde(default)]
+    pub user_id: Option<Uuid>,
+    #[serde(default)]
+    pub email: Option<String>,
+}
+
+// ---- models ---------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ModelDto {
+    pub id: Uuid,
+    pub name: String,
+    /// `hf://org/name`, `s3://bucket/path`, `gs://…`, `https://…` or an absolute path.
+    pub source_uri: String,
+    /// `vllm`, `sglang`, `tgi` or `engine-sim`.
+    pub engine: String,
+    /// `text`, `embedding` or `vision`.
+    pub modality: String,
+    pub description: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+list!(ModelList, ModelDto);
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateModelRequest {
+    pub name: String,
+    pub source_uri: String,
+    #[serde(default)]
+    pub engine: Option<String>,
+    #[serde(default)]
+    pub modality: Option<String>,
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateModelRequest {
+    pub name: Option<String>,
+    pub source_uri: Option<String>,
+    pub engine: Option<String>,
+    pub modality: Option<String>,
+    pub description: Option<String>,
+}
+
+// ---- providers --------------------------------------------------------------------------------------
+
+/// An external OpenAI-compatible service. Its API key is never returned.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ProviderDto {
+    pub id: Uuid,
+    pub name: String,
+    pub base_url: String,
+    pub api_key_set: bool,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+list!(ProviderList, ProviderDto);
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateProviderRequest {
+    pub name: String,
+    pub base_url: String,
+    #[serde(default)]
+    pub api_key: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateProviderRequest {
+    pub name: Option<String>,
+    pub base_url: Option<String>,
+    pub api_key: Option<String>,
+}
+
+// ---- API keys -------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ApiKeyDto {
+    pub id: Uuid,
+    pub project_id: Uuid,
+    pub name: String,
+    /// The first characters of the key, to recognise it; the key itself is shown once.
+    pub prefix: String,
+    /// `active`, `expired` or `revoked`.
+    pub status: String,
+    pub created_by: Option<Uuid>,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+    /// Requests per minute allowed to this key, if limited.
+    pub rpm_limit: Option<i64>,
+    /// Tokens per minute allowed to this key, if limited.
+    pub tpm_limit: Option<i64>,
+}
+
+list!(ApiKeyList, ApiKeyDto);
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateApiKeyRequest {
+    pub name: String,
+    /// When the key stops working; absent for no expiry.
+    #[serde(default)]
+    pub expires_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub rpm_limit: Option<i64>,
+    #[serde(default)]
+    pub tpm_limit: Option<i64>,
+}
+
+/// The new key. `secret` is shown only in this response; Bud stores only its hash.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreatedApiKeyDto {
+    pub key: ApiKeyDto,
+    pub secret: String,
+}
+
+// ---- audit ------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AuditRecordDto {
+    pub seq: i64,
+    pub at: DateTime<Utc>,
+    pub actor_id: Option<Uuid>,
+    pub actor: String,
+    pub action: String,
+    pub resource_type: String,
+    pub resource_id: String,
+    pub project_id: Option<Uuid>,
+    #[schema(value_type = Object)]
+    pub details: serde_json::Value,
+    pub request_id: Option<String>,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+list!(AuditList, AuditRecordDto);
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AuditVerificationDto {
+    /// True when every record's hash and link to its predecessor check out.
+    pub ok: bool,
+    pub records_checked: i64,
+    pub first_broken_seq: Option<i64>,
+    pub reason: Option<String>,
+}

@@ -1,0 +1,345 @@
+//! `bud.toml` plus `BUD_*` environment variables into checked settings. Every setting has a
+//! default that works on one machine; a value that does not fit stops start-up with a message
+//! naming its key.
+//!
+//! Environment variables name `<section>_<key>` after `BUD_`: `BUD_DATABASE_URL` sets
+//! `database.url`, `BUD_ADMIN_EMAIL` sets `admin.email`, `BUD_LOG_FORMAT` sets `log.format`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use figment::Figment;
+use figment::providers::{Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Config {
+    pub server: Server,
+    pub data: Data,
+    pub database: Database,
+    pub identity: Identity,
+    pub admin: Admin,
+    pub secrets: Secrets,
+    pub log: Log,
+    pub providers: Providers,
+    pub login: Login,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Server {
+    pub host: String,
+    pub app_port: u16,
+    /// URL clients use to reach budapp; defaults to `http://<host>:<app_port>`.
+    pub public_url: Option<String>,
+    /// How long in-flight requests may take to finish after a shutdown signal.
+    pub shutdown_grace_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Data {
+    /// Holds the SQLite database and the generated master key in the embedded default.
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Database {
+    /// `sqlite://…` or `postgres://…`; defaults to `sqlite://<data.dir>/bud.db`.
+    pub url: Option<String>,
+    pub max_connections: u32,
+    pub acquire_timeout_ms: u64,
+    pub statement_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Identity {
+    /// `builtin` or `oidc`.
+    pub provider: String,
+    /// The external issuer URL (oidc).
+    pub issuer: Option<String>,
+    pub jwks_uri: Option<String>,
+    pub audience: String,
+    pub leeway_secs: u64,
+    /// Role of users provisioned from an external provider whose token names none.
+    pub default_role: String,
+    pub access_token_ttl_secs: u64,
+    pub refresh_token_ttl_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Admin {
+    pub email: String,
+    /// When absent, a password is generated and printed once.
+    pub password: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Secrets {
+    /// `<kid>:<base64 32 bytes>` entries; when empty, one is generated into `<data.dir>/master.key`.
+    pub master_keys: Vec<String>,
+    /// The kid new secrets are sealed with; defaults to the first entry.
+    pub active_key: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Log {
+    /// `json` or `pretty`.
+    pub format: String,
+    /// A tracing filter such as `info` or `bud_app=debug,info`.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Providers {
+    pub allow_private_networks: bool,
+    pub allowed_hosts: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Login {
+    pub per_account_per_minute: u32,
+    pub per_address_per_minute: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server: Server {
+                host: "127.0.0.1".into(),
+                app_port: 9081,
+                public_url: None,
+                shutdown_grace_secs: 10,
+            },
+            data: Data { dir: PathBuf::from("bud-data") },
+            database: Database {
+                url: None,
+                max_connections: 10,
+                acquire_timeout_ms: 2000,
+                statement_timeout_ms: 5000,
+            },
+            identity: Identity {
+                provider: "builtin".into(),
+                issuer: None,
+                jwks_uri: None,
+                audience: "bud".into(),
+                leeway_secs: 60,
+                default_role: "tester".into(),
+                access_token_ttl_secs: 15 * 60,
+                refresh_token_ttl_secs: 30 * 24 * 3600,
+            },
+            admin: Admin { email: "admin@bud.local".into(), password: None },
+            secrets: Secrets::default(),
+            log: Log { format: "json".into(), level: "info".into() },
+            providers: Providers::default(),
+            login: Login { per_account_per_minute: 10, per_address_per_minute: 30 },
+        }
+    }
+}
+
+const SECTIONS: [&str; 9] =
+    ["server", "data", "database", "identity", "admin", "secrets", "log", "providers", "login"];
+
+impl Config {
+    /// Defaults, then the TOML file (if given), then `BUD_*` variables from `env`.
+    pub fn load(file: Option<&Path>, env: &[(String, String)]) -> anyhow::Result<Self> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            if !file.exists() {
+                bail!("config file {} does not exist", file.display());
+            }
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        // Only variables naming a known section are ours: BUD_TEST_* and friends are not config.
+        let ours: Vec<(String, String)> = env
+            .iter()
+            .filter_map(|(k, v)| {
+                let rest = k.strip_prefix("BUD_")?.to_ascii_lowercase();
+                let (section, key) = rest.split_once('_')?;
+                SECTIONS.contains(&section).then(|| (format!("{section}.{key}"), v.clone()))
+            })
+            .collect();
+        for (key, value) in ours {
+            figment = figment.merge((key, env_value(&value)));
+        }
+        // Lossy: "9081" and "true" from the environment fill numeric and boolean settings.
+        let config: Config =
+            figment.extract_lossy().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Checks what types alone cannot; each message names the key.
+    fn check(&self) -> anyhow::Result<()> {
+        if !matches!(self.log.format.as_str(), "json" | "pretty") {
+            bail!("log.format must be `json` or `pretty`, not `{}`", self.log.format);
+        }
+        match self.identity.provider.as_str() {
+            "builtin" => {}
+            "oidc" => {
+                let issuer = self.identity.issuer.as_deref().unwrap_or_default();
+                if url::Url::parse(issuer).is_err() {
+                    bail!(
+                        "identity.issuer must be the provider's issuer URL when identity.provider is `oidc`"
+                    );
+                }
+            }
+            other => bail!("identity.provider must be `builtin` or `oidc`, not `{other}`"),
+        }
+        self.identity
+            .default_role
+            .parse::<bud_domain::Role>()
+            .map_err(|e| anyhow::anyhow!("identity.default_role {}", e.message))?;
+        bud_domain::Email::parse("admin.email", &self.admin.email)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        if let Some(p) = &self.admin.password
+            && p.chars().count() < 12
+        {
+            bail!("admin.password (BUD_ADMIN_PASSWORD) must be at least 12 characters");
+        }
+        let url = self.database_url();
+        if !(url.starts_with("sqlite:")
+            || url.starts_with("postgres://")
+            || url.starts_with("postgresql://"))
+        {
+            bail!("database.url must start with sqlite:// or postgres://");
+        }
+        if self.database.max_connections == 0 {
+            bail!("database.max_connections must be at least 1");
+        }
+        if self.database.acquire_timeout_ms == 0 || self.database.statement_timeout_ms == 0 {
+            bail!("database.acquire_timeout_ms and database.statement_timeout_ms must be above 0");
+        }
+        if self.identity.access_token_ttl_secs < 60 {
+            bail!("identity.access_token_ttl_secs must be at least 60");
+        }
+        if let Some(u) = &self.server.public_url {
+            url::Url::parse(u).with_context(|| format!("server.public_url `{u}` is not a URL"))?;
+        }
+        Ok(())
+    }
+
+    pub fn database_url(&self) -> String {
+        self.database
+            .url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}/bud.db", self.data.dir.display()))
+    }
+
+    pub fn public_url(&self) -> String {
+        self.server
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}:{}", self.server.host, self.server.app_port))
+            .trim_end_matches('/')
+            .to_owned()
+    }
+
+    pub fn store_config(&self) -> bud_store::StoreConfig {
+        bud_store::StoreConfig {
+            url: self.database_url(),
+            max_connections: self.database.max_connections,
+            acquire_timeout: Duration::from_millis(self.database.acquire_timeout_ms),
+            statement_timeout: Duration::from_millis(self.database.statement_timeout_ms),
+        }
+    }
+
+    pub fn app_config(&self) -> anyhow::Result<bud_app::AppConfig> {
+        let identity =
+            match self.identity.provider.as_str() {
+                "oidc" => bud_app::IdentityMode::Oidc(bud_app::OidcSettings {
+                    issuer: self.identity.issuer.clone().unwrap_or_default(),
+                    jwks_uri: self.identity.jwks_uri.clone(),
+                    default_role: self.identity.default_role.parse().map_err(
+                        |e: bud_domain::ValidationError| anyhow::anyhow!("identity.{e}"),
+                    )?,
+                }),
+                _ => bud_app::IdentityMode::Builtin,
+            };
+        Ok(bud_app::AppConfig {
+            public_url: self.public_url(),
+            identity,
+            audience: self.identity.audience.clone(),
+            leeway: Duration::from_secs(self.identity.leeway_secs),
+            access_token_ttl: Duration::from_secs(self.identity.access_token_ttl_secs),
+            refresh_token_ttl: Duration::from_secs(self.identity.refresh_token_ttl_secs),
+            login_per_account_per_minute: self.login.per_account_per_minute,
+            login_per_address_per_minute: self.login.per_address_per_minute,
+            providers: bud_app::ProviderPolicy {
+                allow_private_networks: self.providers.allow_private_networks,
+                allowed_hosts: self.providers.allowed_hosts.clone(),
+            },
+        })
+    }
+}
+
+/// Environment values are strings, except a JSON list (`["k2:…","k1:…"]`) for list settings.
+fn env_value(v: &str) -> serde_json::Value {
+    match serde_json::from_str::<Vec<String>>(v.trim()) {
+        Ok(list) => list.into(),
+        Err(_) => v.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_are_the_embedded_setup() {
+        let c = Config::load(None, &[]).unwrap();
+        assert_eq!(c.database_url(), "sqlite://bud-data/bud.db");
+        assert_eq!(c.public_url(), "http://127.0.0.1:9081");
+        assert_eq!(c.admin.email, "admin@bud.local");
+    }
+
+    #[test]
+    fn environment_overrides_and_unrelated_variables_are_ignored() {
+        let c = Config::load(
+            None,
+            &env(&[
+                ("BUD_DATABASE_URL", "postgres://x@h/db"),
+                ("BUD_SERVER_APP_PORT", "9999"),
+                ("BUD_ADMIN_EMAIL", "root@example.com"),
+                ("BUD_TEST_POSTGRES_URL", "whatever"),
+                ("BUD_SECRETS_MASTER_KEYS", "[\"a:b\", \"c:d\"]"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.database_url(), "postgres://x@h/db");
+        assert_eq!(c.server.app_port, 9999);
+        assert_eq!(c.admin.email, "root@example.com");
+        assert_eq!(c.secrets.master_keys, vec!["a:b".to_string(), "c:d".to_string()]);
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let e =
+            Config::load(None, &env(&[("BUD_SERVER_APP_PORT", "ninety")])).unwrap_err().to_string();
+        assert!(e.contains("app_port"), "{e}");
+        let e = Config::load(None, &env(&[("BUD_LOG_FORMAT", "xml")])).unwrap_err().to_string();
+        assert!(e.contains("log.format"), "{e}");
+        let e =
+            Config::load(None, &env(&[("BUD_IDENTITY_PROVIDER", "oidc")])).unwrap_err().to_string();
+        assert!(e.contains("identity.issuer"), "{e}");
+        let e =
+            Config::load(None, &env(&[("BUD_DATABASE_URL", "mysql://x")])).unwrap_err().to_string();
+        assert!(e.contains("database.url"), "{e}");
+    }
+
+    #[test]
+    fn toml_file_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bud.toml");
+        std::fs::write(&path, "[server]\napp_port = 9200\n[log]\nformat = \"pretty\"\n").unwrap();
+        let c = Config::load(Some(&path), &[]).unwrap();
+        assert_eq!(c.server.app_port, 9200);
+        assert_eq!(c.log.format, "pretty");
+        std::fs::write(&path, "[server]\napp_port = \"x\"\n").unwrap();
+        let e = Config::load(Some(&path), &[]).unwrap_err().to_string();
+        assert!(e.contains("app_port"), "{e}");
+    }
+}

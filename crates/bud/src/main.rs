@@ -1,0 +1,70 @@
+//! `bud`: one binary for every Bud component and its command-line client.
+
+mod cli;
+mod config;
+mod serve;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "bud",
+    version,
+    about = "Bud: serve large language models on your own GPU clusters"
+)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run Bud's services (all of them on one machine by default).
+    Serve {
+        /// A bud.toml; `BUD_*` environment variables override it.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Apply database migrations and exit.
+    Migrate {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Print budapp's OpenAPI document.
+    Openapi,
+    #[command(flatten)]
+    Client(cli::ClientCommand),
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let result = runtime.block_on(async move {
+        match args.command {
+            Command::Serve { config } => serve::serve(config.as_deref(), &env).await,
+            Command::Migrate { config } => serve::migrate(config.as_deref(), &env).await,
+            Command::Openapi => {
+                println!("{}", serde_json::to_string_pretty(&bud_app::api::openapi())?);
+                Ok(())
+            }
+            Command::Client(c) => cli::run(c, &env).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! `bud serve` and `bud migrate`: configuration to running services, and a bounded graceful
+//! shutdown on SIGTERM or Ctrl-C.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bud_auth::secrets::{self, Keyring};
+use bud_store::Store;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+
+pub async fn serve(file: Option<&Path>, env: &[(String, String)]) -> anyhow::Result<()> {
+    let config = Config::load(file, env)?;
+    init_logging(&config)?;
+    let store = open_store(&config).await?;
+    let keyring = load_keyring(&config)?;
+    let state = bud_app::AppState::build(config.app_config()?, store.clone(), keyring).await?;
+
+    if matches!(state.config.identity, bud_app::IdentityMode::Builtin) {
+        let email = bud_domain::Email::parse("admin.email", &config.admin.email)?;
+        if let Some(password) =
+            bud_app::identity::ensure_first_admin(&state, &email, config.admin.password.clone())
+                .await?
+        {
+            // Shown once, on the terminal only: the store keeps its hash.
+            eprintln!(
+                "\n  First admin account created\n    email:    {email}\n    password: {password}\n  This password is shown only now; keep it somewhere safe.\n"
+            );
+        }
+    }
+
+    let address = format!("{}:{}", config.server.host, config.server.app_port);
+    let listener = TcpListener::bind(&address)
+        .await
+        .with_context(|| format!("binding budapp to {address} (server.host, server.app_port)"))?;
+    tracing::info!(address = %listener.local_addr()?, public_url = %config.public_url(), "budapp listening");
+
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(bud_app::run(listener, state, shutdown.clone()));
+    wait_for_signal().await;
+    tracing::info!("shutting down: no new connections; finishing requests in flight");
+    shutdown.cancel();
+    let grace = Duration::from_secs(config.server.shutdown_grace_secs);
+    match tokio::time::timeout(grace, server).await {
+        Ok(joined) => joined.context("budapp task failed")?.context("budapp server failed")?,
+        Err(_) => tracing::warn!(
+            grace_secs = grace.as_secs(),
+            "requests still in flight after the grace period; stopping"
+        ),
+    }
+    store.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+pub async fn migrate(file: Option<&Path>, env: &[(String, String)]) -> anyhow::Result<()> {
+    let config = Config::load(file, env)?;
+    init_logging(&config)?;
+    open_store(&config).await?.close().await;
+    println!("migrations applied to {}", redact(&config.database_url()));
+    Ok(())
+}
+
+async fn open_store(config: &Config) -> anyhow::Result<Store> {
+    let store_config = config.store_config();
+    let store = Store::connect(&store_config).await.with_context(|| {
+        format!("connecting to the database {} (database.url)", redact(&store_config.url))
+    })?;
+    store.migrate().await.context("applying database migrations")?;
+    Ok(store)
+}
+
+/// The URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// The operator's master keys, or in the embedded default one generated into the data dir.
+fn load_keyring(config: &Config) -> anyhow::Result<Keyring> {
+    let specs = if config.secrets.master_keys.is_empty() {
+        vec![local_master_key(&config.data.dir)?]
+    } else {
+        config.secrets.master_keys.clone()
+    };
+    let keys = specs
+        .iter()
+        .map(|s| {
+            secrets::parse_key_spec(s)
+                .context("secrets.master_keys entries must be `<kid>:<base64 of 32 bytes>`")
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let active = config.secrets.active_key.clone().unwrap_or_else(|| keys[0].0.clone());
+    Keyring::new(&active, keys).context("secrets.active_key must name one of secrets.master_keys")
+}
+
+fn local_master_key(dir: &Path) -> anyhow::Result<String> {
+    let path = dir.join("master.key");
+    if path.exists() {
+        return Ok(std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .trim()
+            .to_owned());
+    }
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("creating the data directory {} (data.dir)", dir.display()))?;
+    let spec = secrets::encode_key_spec("local1", &secrets::generate_key());
+    write_private(&path, &spec)?;
+    tracing::info!(path = %path.display(), "generated a master key for secrets at rest");
+    Ok(spec)
+}
+
+fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut f = options.open(path).with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(contents.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+fn init_logging(config: &Config) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
+        .with_context(|| format!("log.level `{}` is not a valid filter", config.log.level))?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let result = match config.log.format.as_str() {
+        "pretty" => builder.try_init(),
+        _ => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
+    };
+    if let Err(e) = result {
+        bail!("cannot initialise logging: {e}");
+    }
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}
