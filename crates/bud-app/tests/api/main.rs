@@ -5,5 +5,6 @@
 mod authz;
 mod identity;
 mod newcomer;
+mod outage;
 mod resources;
 mod support;
