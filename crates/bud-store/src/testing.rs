@@ -19,6 +19,7 @@ pub const POSTGRES_URL_VAR: &str = "BUD_TEST_POSTGRES_URL";
 /// A migrated store on a database of its own. The database goes away with the guard: call
 /// [`TestDatabase::cleanup`] at the end of a test; dropping the guard (e.g. when a test panics)
 /// cleans up too, blocking the current thread for a moment.
+#[derive(Debug)]
 pub struct TestDatabase {
     store: Store,
     config: StoreConfig,
@@ -27,6 +28,7 @@ pub struct TestDatabase {
 }
 
 /// What to remove when the test is done.
+#[derive(Debug)]
 enum Cleanup {
     /// The temporary directory holding the SQLite file.
     SqliteDir(PathBuf),

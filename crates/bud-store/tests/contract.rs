@@ -3,6 +3,9 @@
 //! `postgres::<name>`. PostgreSQL tests run when `BUD_TEST_POSTGRES_URL` names an admin URL,
 //! each on a database of its own; otherwise they print that they were skipped.
 
+// The bodies are plain async fns, not #[test]s, so clippy's test allowances do not reach them.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "a test fails by panicking")]
+
 use std::time::Duration;
 
 use bud_domain::{
@@ -72,6 +75,7 @@ contract_tests!(
     corrupt_rows_are_reported_as_corrupt,
     a_locked_database_is_unavailable,
     a_closed_pool_is_unavailable,
+    a_saturated_pool_fails_fast,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -980,13 +984,7 @@ async fn corrupt_rows_are_reported_as_corrupt(db: &TestDatabase) {
 /// Another connection holds the write lock (SQLite) or the audit head's row lock (PostgreSQL);
 /// a store with a short statement timeout gives up with Unavailable instead of hanging.
 async fn a_locked_database_is_unavailable(db: &TestDatabase) {
-    sqlx::any::install_default_drivers();
-    let mut holder = sqlx::AnyConnection::connect(&db.config().url).await.unwrap();
-    let lock = match db.backend() {
-        Backend::Sqlite => "BEGIN IMMEDIATE",
-        Backend::Postgres => "BEGIN; SELECT seq FROM audit_head WHERE id = 1 FOR UPDATE",
-    };
-    sqlx::raw_sql(lock).execute(&mut holder).await.unwrap();
+    let mut holder = hold_write_lock(db).await;
 
     let impatient = Store::connect(&StoreConfig {
         statement_timeout: Duration::from_millis(200),
@@ -1001,6 +999,34 @@ async fn a_locked_database_is_unavailable(db: &TestDatabase) {
     sqlx::raw_sql("ROLLBACK").execute(&mut holder).await.unwrap();
     holder.close().await.unwrap();
     db.append_audit(&event("test.event", "thing", 2)).await.unwrap();
+}
+
+/// With its only connection stuck behind a lock, the pool turns callers away after the acquire
+/// timeout instead of queueing them.
+async fn a_saturated_pool_fails_fast(db: &TestDatabase) {
+    let mut holder = hold_write_lock(db).await;
+    let store = Store::connect(&StoreConfig {
+        max_connections: 1,
+        acquire_timeout: Duration::from_millis(200),
+        statement_timeout: Duration::from_secs(10),
+        ..db.config().clone()
+    })
+    .await
+    .unwrap();
+    let stuck = {
+        let store = store.clone();
+        tokio::spawn(async move { store.append_audit(&event("test.event", "thing", 1)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = std::time::Instant::now();
+    let result = store.ping().await;
+    assert!(matches!(result, Err(StoreError::Unavailable(_))), "got {result:?}");
+    assert!(started.elapsed() < Duration::from_secs(2), "fails fast");
+
+    sqlx::raw_sql("ROLLBACK").execute(&mut holder).await.unwrap();
+    stuck.await.unwrap().unwrap();
+    store.ping().await.unwrap();
+    store.close().await;
 }
 
 async fn a_closed_pool_is_unavailable(db: &TestDatabase) {
@@ -1041,6 +1067,19 @@ async fn sqlite_directories_are_created() {
 async fn unknown_url_schemes_are_rejected() {
     let config = StoreConfig { url: "mysql://localhost/bud".to_owned(), ..StoreConfig::default() };
     assert!(matches!(Store::connect(&config).await, Err(StoreError::Database(_))));
+}
+
+/// A connection of its own that holds what every audited write needs: SQLite's write lock, or
+/// PostgreSQL's lock on the audit head. `ROLLBACK` on it releases the lock.
+async fn hold_write_lock(db: &TestDatabase) -> sqlx::AnyConnection {
+    sqlx::any::install_default_drivers();
+    let mut holder = sqlx::AnyConnection::connect(&db.config().url).await.unwrap();
+    let lock = match db.backend() {
+        Backend::Sqlite => "BEGIN IMMEDIATE",
+        Backend::Postgres => "BEGIN; SELECT seq FROM audit_head WHERE id = 1 FOR UPDATE",
+    };
+    sqlx::raw_sql(lock).execute(&mut holder).await.unwrap();
+    holder
 }
 
 /// Awaits every task, failing the test if one panicked.
