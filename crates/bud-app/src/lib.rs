@@ -11,6 +11,7 @@ pub mod error;
 pub mod extract;
 pub mod identity;
 mod permissions_view;
+pub mod secrets;
 pub mod ssrf;
 pub mod state;
 pub mod telemetry;

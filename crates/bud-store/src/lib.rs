@@ -16,6 +16,7 @@ mod models;
 mod projects;
 mod providers;
 mod row;
+mod sealed;
 pub mod testing;
 mod tokens;
 mod users;
@@ -37,6 +38,7 @@ pub use grants::GrantRecord;
 pub use models::{Model, ModelPatch};
 pub use projects::{Member, Project, ProjectPatch};
 pub use providers::{Provider, ProviderPatch};
+pub use sealed::{SealedKind, SealedSecret};
 pub use tokens::{RefreshToken, SigningKey};
 pub use users::{User, UserPatch};
 

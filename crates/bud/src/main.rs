@@ -35,8 +35,26 @@ enum Command {
     },
     /// Print budapp's OpenAPI document.
     Openapi,
+    /// Master keys for secrets at rest.
+    #[command(subcommand)]
+    Secrets(SecretsCommand),
     #[command(flatten)]
     Client(cli::ClientCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum SecretsCommand {
+    /// Print a new master key entry `<kid>:<base64>` for secrets.master_keys.
+    GenerateKey {
+        /// Key id: letters, digits, `-` and `_`, at most 32.
+        kid: String,
+    },
+    /// Reseal every stored secret under secrets.active_key. List the old key too until this
+    /// has run; then it can be removed.
+    Rotate {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -57,6 +75,8 @@ fn main() -> ExitCode {
                 println!("{}", serde_json::to_string_pretty(&bud_app::api::openapi())?);
                 Ok(())
             }
+            Command::Secrets(SecretsCommand::GenerateKey { kid }) => serve::generate_key(&kid),
+            Command::Secrets(SecretsCommand::Rotate { config }) => serve::rotate_secrets(config.as_deref(), &env).await,
             Command::Client(c) => cli::run(c, &env).await,
         }
     });

@@ -64,6 +64,29 @@ pub async fn migrate(file: Option<&Path>, env: &[(String, String)]) -> anyhow::R
     Ok(())
 }
 
+pub fn generate_key(kid: &str) -> anyhow::Result<()> {
+    let spec = secrets::encode_key_spec(kid, &secrets::generate_key());
+    secrets::parse_key_spec(&spec).context("the key id must be 1 to 32 of a-z, 0-9, `-`, `_`")?;
+    println!("{spec}");
+    Ok(())
+}
+
+pub async fn rotate_secrets(file: Option<&Path>, env: &[(String, String)]) -> anyhow::Result<()> {
+    let config = Config::load(file, env)?;
+    init_logging(&config)?;
+    let store = open_store(&config).await?;
+    let keyring = load_keyring(&config)?;
+    let report = bud_app::secrets::rotate(&store, &keyring).await?;
+    store.close().await;
+    println!(
+        "{} secrets resealed under key `{}`, {} already were; keys no longer listed as active may now be removed",
+        report.resealed,
+        keyring.active_kid(),
+        report.current
+    );
+    Ok(())
+}
+
 async fn open_store(config: &Config) -> anyhow::Result<Store> {
     let store_config = config.store_config();
     let store = Store::connect(&store_config).await.with_context(|| {

@@ -7,4 +7,5 @@ mod identity;
 mod newcomer;
 mod outage;
 mod resources;
+mod secrets;
 mod support;

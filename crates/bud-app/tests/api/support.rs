@@ -1,8 +1,9 @@
-//! `TestApp`: budapp on port 0 with a fresh database and a known admin, plus a client.
+//! `TestApp`: budapp on port 0 with a fresh database and (with the built-in issuer) a known
+//! admin, plus a client.
 
 use std::time::Duration;
 
-use bud_app::{AppConfig, AppState};
+use bud_app::{AppConfig, AppState, IdentityMode};
 use bud_auth::secrets::{self, Keyring};
 use bud_domain::Email;
 use bud_store::testing::TestDatabase;
@@ -43,8 +44,12 @@ pub enum Backend {
 
 pub struct TestApp {
     pub url: String,
+    /// The keyring's one key, id `test`.
+    pub master_key: [u8; 32],
     pub state: AppState,
     pub http: reqwest::Client,
+    /// The built-in admin's access token; empty with an external identity provider, where no
+    /// local admin exists.
     pub admin_token: String,
     shutdown: CancellationToken,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
@@ -90,21 +95,29 @@ impl TestApp {
             }
         };
         let store = db.store().clone();
-        let keyring = Keyring::new("test", vec![("test".into(), secrets::generate_key())]).unwrap();
+        let master_key = secrets::generate_key();
+        let keyring = Keyring::new("test", vec![("test".into(), master_key)]).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         config.public_url = url.clone();
         let state = AppState::build(config, store, keyring).await.unwrap();
-        let email = Email::parse("email", ADMIN_EMAIL).unwrap();
-        bud_app::identity::ensure_first_admin(&state, &email, Some(ADMIN_PASSWORD.into()))
-            .await
-            .unwrap();
+        // As `bud serve` does: the first admin is a local account, so only the built-in issuer
+        // has one. With an external provider, admins are whoever the provider says.
+        let builtin = matches!(state.config.identity, IdentityMode::Builtin);
+        if builtin {
+            let email = Email::parse("email", ADMIN_EMAIL).unwrap();
+            bud_app::identity::ensure_first_admin(&state, &email, Some(ADMIN_PASSWORD.into()))
+                .await
+                .unwrap();
+        }
         let shutdown = CancellationToken::new();
         let server = tokio::spawn(bud_app::run(listener, state.clone(), shutdown.clone()));
         let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
         let mut app =
-            TestApp { url, state, http, admin_token: String::new(), shutdown, server, db };
-        app.admin_token = app.login(ADMIN_EMAIL, ADMIN_PASSWORD).await;
+            TestApp { url, master_key, state, http, admin_token: String::new(), shutdown, server, db };
+        if builtin {
+            app.admin_token = app.login(ADMIN_EMAIL, ADMIN_PASSWORD).await;
+        }
         app
     }
 
