@@ -364,7 +364,7 @@ pub async fn login(
 
 /// A real argon2id hash of a random password, verified against when the account is unknown so
 /// that both paths cost the same.
-fn dummy_hash() -> &'static str {
+pub(crate) fn dummy_hash() -> &'static str {
     static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     HASH.get_or_init(|| password::hash_password(&password::generate_password()).unwrap_or_default())
 }

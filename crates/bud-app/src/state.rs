@@ -53,6 +53,8 @@ impl AppState {
         let (verifier, issuer, public_jwks) = match &config.identity {
             IdentityMode::Builtin => {
                 let key = builtin_signing_key(&store, &keyring).await?;
+                // Computed now so the first failed login costs no more than the others.
+                tokio::task::spawn_blocking(crate::identity::dummy_hash).await?;
                 let set = jwt::jwk_set(std::slice::from_ref(&key.public_jwk));
                 let public = serde_json::to_value(&set).context("encoding the key set")?;
                 let issuer = Issuer::new(config.public_url.clone(), config.audience.clone(), key);

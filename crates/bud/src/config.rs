@@ -163,7 +163,7 @@ impl Config {
         }
         // Lossy: "9081" and "true" from the environment fill numeric and boolean settings.
         let config: Config =
-            figment.extract_lossy().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+            figment.extract_lossy().map_err(describe)?;
         config.check()?;
         Ok(config)
     }
@@ -270,6 +270,23 @@ impl Config {
             },
         })
     }
+}
+
+/// One line per bad value: the key, what is wrong, and where the value came from.
+fn describe(errors: figment::Error) -> anyhow::Error {
+    let lines: Vec<String> = errors
+        .into_iter()
+        .map(|e| {
+            let key = e.path.iter().filter(|p| *p != "global" && *p != "default").cloned().collect::<Vec<_>>().join(".");
+            let variable = format!("BUD_{}", key.replacen('.', "_", 1).to_ascii_uppercase());
+            let source = match e.metadata.as_ref().and_then(|m| m.source.as_ref()) {
+                Some(figment::Source::File(path)) => format!(" (in {})", path.display()),
+                _ => format!(" (from {variable} or the config file)"),
+            };
+            format!("{key}: {}{source}", e.kind)
+        })
+        .collect();
+    anyhow::anyhow!("invalid configuration: {}", lines.join("; "))
 }
 
 /// Environment values are strings, except a JSON list (`["k2:…","k1:…"]`) for list settings.
