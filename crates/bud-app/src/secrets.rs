@@ -46,22 +46,30 @@ pub async fn rotate(store: &Store, keyring: &Keyring) -> anyhow::Result<Rotation
                 break;
             }
             let aad = aad(&secret);
-            let plain = keyring
-                .decrypt(&secret.ciphertext, aad.as_bytes())
-                .with_context(|| format!("opening {aad}: list the key it was sealed with in secrets.master_keys"))?;
+            let plain = keyring.decrypt(&secret.ciphertext, aad.as_bytes()).with_context(|| {
+                format!("opening {aad}: list the key it was sealed with in secrets.master_keys")
+            })?;
             let resealed = keyring.encrypt(&plain, aad.as_bytes());
             if store.reseal(&secret, &resealed).await? {
                 report.resealed += 1;
                 break;
             }
             // Changed under us: read it again.
-            match store.sealed_secrets().await?.into_iter().find(|s| s.kind == secret.kind && s.id == secret.id) {
+            match store
+                .sealed_secrets()
+                .await?
+                .into_iter()
+                .find(|s| s.kind == secret.kind && s.id == secret.id)
+            {
                 Some(fresh) => secret = fresh,
                 None => break,
             }
         }
     }
-    let details = serde_json::json!({"active_key": keyring.active_kid(), "resealed": report.resealed});
-    store.append_audit(&system_audit("secrets.rotate", "keyring", keyring.active_kid(), details)).await?;
+    let details =
+        serde_json::json!({"active_key": keyring.active_kid(), "resealed": report.resealed});
+    store
+        .append_audit(&system_audit("secrets.rotate", "keyring", keyring.active_kid(), details))
+        .await?;
     Ok(report)
 }

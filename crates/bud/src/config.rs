@@ -162,8 +162,7 @@ impl Config {
             figment = figment.merge((key, env_value(&value)));
         }
         // Lossy: "9081" and "true" from the environment fill numeric and boolean settings.
-        let config: Config =
-            figment.extract_lossy().map_err(describe)?;
+        let config: Config = figment.extract_lossy().map_err(describe)?;
         config.check()?;
         Ok(config)
     }
@@ -277,7 +276,13 @@ fn describe(errors: figment::Error) -> anyhow::Error {
     let lines: Vec<String> = errors
         .into_iter()
         .map(|e| {
-            let key = e.path.iter().filter(|p| *p != "global" && *p != "default").cloned().collect::<Vec<_>>().join(".");
+            let key = e
+                .path
+                .iter()
+                .filter(|p| *p != "global" && *p != "default")
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(".");
             let variable = format!("BUD_{}", key.replacen('.', "_", 1).to_ascii_uppercase());
             let source = match e.metadata.as_ref().and_then(|m| m.source.as_ref()) {
                 Some(figment::Source::File(path)) => format!(" (in {})", path.display()),

@@ -76,7 +76,9 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Command::Secrets(SecretsCommand::GenerateKey { kid }) => serve::generate_key(&kid),
-            Command::Secrets(SecretsCommand::Rotate { config }) => serve::rotate_secrets(config.as_deref(), &env).await,
+            Command::Secrets(SecretsCommand::Rotate { config }) => {
+                serve::rotate_secrets(config.as_deref(), &env).await
+            }
             Command::Client(c) => cli::run(c, &env).await,
         }
     });

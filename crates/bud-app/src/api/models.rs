@@ -165,7 +165,9 @@ fn seal_provider_key(state: &AppState, id: ProviderId, key: Option<&str>) -> Api
         Some(k) if k.len() > 4096 => {
             Err(ValidationError::new("api_key", "must be at most 4096 characters").into())
         }
-        Some(k) => Ok(state.keyring.encrypt(k.as_bytes(), crate::secrets::provider_aad(id).as_bytes())),
+        Some(k) => {
+            Ok(state.keyring.encrypt(k.as_bytes(), crate::secrets::provider_aad(id).as_bytes()))
+        }
     }
 }
 

@@ -1,8 +1,10 @@
 //! PostgreSQL going away under load: budapp answers 503 quickly with a clear error, `/readyz`
 //! turns false, and everything recovers by itself once the database is back.
 //!
-//! The database is cut with a TCP proxy between budapp and PostgreSQL: "down" drops every open
-//! connection and closes each new one at once, which is what clients of a killed server see.
+//! Two ways to take the database away: a TCP proxy between budapp and PostgreSQL that drops
+//! every connection (always available), and killing a private PostgreSQL server with
+//! `pg_ctl stop -m immediate` and starting it again (when `BUD_TEST_PG_BIN` names PostgreSQL's
+//! binaries).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -55,8 +57,23 @@ impl Proxy {
     }
 }
 
+/// Takes the database away and brings it back.
+trait Outage {
+    async fn cut(&mut self);
+    async fn restore(&mut self);
+}
+
+impl Outage for Proxy {
+    async fn cut(&mut self) {
+        self.set_down(true);
+    }
+    async fn restore(&mut self) {
+        self.set_down(false);
+    }
+}
+
 #[tokio::test]
-async fn postgres_outage_gives_fast_503_and_recovers() {
+async fn postgres_cut_off_gives_fast_503_and_recovers() {
     let Some(admin_url) = bud_store::testing::postgres_admin_url() else {
         eprintln!("skipped: BUD_TEST_POSTGRES_URL not set");
         return;
@@ -67,13 +84,132 @@ async fn postgres_outage_gives_fast_503_and_recovers() {
     let proxy = Proxy::start(upstream).await;
     url.set_host(Some("127.0.0.1")).unwrap();
     url.set_port(Some(proxy.port)).unwrap();
+    exercise_outage(url.to_string(), proxy).await;
+    db.cleanup().await;
+}
+
+/// A PostgreSQL server of the test's own, in a temporary directory, on a free port.
+struct PrivatePostgres {
+    bin: std::path::PathBuf,
+    dir: std::path::PathBuf,
+    port: u16,
+}
+
+impl PrivatePostgres {
+    async fn start(bin: &str) -> PrivatePostgres {
+        let dir = std::env::temp_dir().join(format!("bud-pg-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let pg = PrivatePostgres { bin: bin.into(), dir, port };
+        pg.as_postgres_user(&["chown", "-R", "postgres", &pg.dir.display().to_string()], true)
+            .await;
+        let data = pg.dir.join("data").display().to_string();
+        pg.tool(
+            "initdb",
+            &["-D", &data, "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"],
+        )
+        .await;
+        pg.up().await;
+        pg
+    }
+
+    /// PostgreSQL refuses to run as root: when we are root, run its tools as `postgres`.
+    async fn as_postgres_user(&self, argv: &[&str], as_root: bool) {
+        let root = std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| o.stdout == b"0\n")
+            .unwrap_or(false);
+        let mut cmd = if root && !as_root {
+            let mut c = tokio::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).args(argv);
+            c
+        } else if root || !as_root {
+            let mut c = tokio::process::Command::new(argv[0]);
+            c.args(&argv[1..]);
+            c
+        } else {
+            return;
+        };
+        let out = cmd.output().await.unwrap();
+        assert!(out.status.success(), "{argv:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    async fn tool(&self, name: &str, args: &[&str]) {
+        let path = self.bin.join(name).display().to_string();
+        let argv: Vec<&str> = std::iter::once(path.as_str()).chain(args.iter().copied()).collect();
+        self.as_postgres_user(&argv, false).await;
+    }
+
+    async fn up(&self) {
+        let data = self.dir.join("data").display().to_string();
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.display()
+        );
+        let log = self.dir.join("log").display().to_string();
+        self.tool("pg_ctl", &["-D", &data, "-o", &options, "-l", &log, "-w", "start"]).await;
+    }
+
+    /// A crash-like stop: no checkpoint, connections cut.
+    async fn kill(&self) {
+        let data = self.dir.join("data").display().to_string();
+        self.tool("pg_ctl", &["-D", &data, "-m", "immediate", "-w", "stop"]).await;
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+impl Outage for PrivatePostgres {
+    async fn cut(&mut self) {
+        self.kill().await;
+    }
+    async fn restore(&mut self) {
+        self.up().await;
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let data = self.dir.join("data").display().to_string();
+        let pg_ctl = self.bin.join("pg_ctl").display().to_string();
+        let _ = std::process::Command::new("runuser")
+            .args(["-u", "postgres", "--", &pg_ctl, "-D", &data, "-m", "immediate", "stop"])
+            .output();
+        let _ = std::process::Command::new(&pg_ctl)
+            .args(["-D", &data, "-m", "immediate", "stop"])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test]
+async fn postgres_killed_under_load_gives_fast_503_and_recovers() {
+    let Ok(bin) = std::env::var("BUD_TEST_PG_BIN") else {
+        eprintln!("skipped: BUD_TEST_PG_BIN (PostgreSQL's bin directory) not set");
+        return;
+    };
+    let pg = PrivatePostgres::start(&bin).await;
+    let url = pg.url();
+    let store =
+        Store::connect(&StoreConfig { url: url.clone(), ..StoreConfig::default() }).await.unwrap();
+    store.migrate().await.unwrap();
+    store.close().await;
+    exercise_outage(url, pg).await;
+}
+
+/// Runs budapp on `db_url` under load from four clients, takes the database away, and checks:
+/// only fast 503s with a clear error while it is gone, `/readyz` false, recovery once it is back.
+async fn exercise_outage(db_url: String, mut outage: impl Outage) {
     let config = StoreConfig {
-        url: url.to_string(),
+        url: db_url,
         acquire_timeout: Duration::from_millis(500),
         ..StoreConfig::default()
     };
     let store = Store::connect(&config).await.unwrap();
-
     let keyring = Keyring::new("t", vec![("t".into(), secrets::generate_key())]).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
@@ -137,7 +273,7 @@ async fn postgres_outage_gives_fast_503_and_recovers() {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let cut_at = Instant::now();
-    proxy.set_down(true);
+    outage.cut().await;
 
     // /readyz goes false.
     let mut ready_false = None;
@@ -155,7 +291,7 @@ async fn postgres_outage_gives_fast_503_and_recovers() {
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     let restored_at = Instant::now();
-    proxy.set_down(false);
+    outage.restore().await;
     let mut recovered = None;
     while restored_at.elapsed() < Duration::from_secs(15) {
         let ready =
@@ -198,5 +334,4 @@ async fn postgres_outage_gives_fast_503_and_recovers() {
 
     shutdown.cancel();
     let _ = server.await;
-    db.cleanup().await;
 }

@@ -148,3 +148,9 @@ async fn request_ids_metrics_health_and_openapi() {
     assert!(doc.body["paths"]["/projects/{id}"]["get"].is_object());
     app.stop().await;
 }
+
+/// The OpenAPI document is a contract: a change to it shows up as a snapshot diff to review.
+#[test]
+fn openapi_document_snapshot() {
+    insta::assert_json_snapshot!("openapi", bud_app::api::openapi());
+}

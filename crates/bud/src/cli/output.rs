@@ -2,8 +2,8 @@
 //! with `--json` for scripts.
 
 use bud_protocol::control::{
-    ApiKeyDto, AuditRecordDto, GrantDto, MemberDto, ModelDto, PermissionsDto,
-    ProjectPermissionsDto, ProviderDto, ProjectDto, UserDto,
+    ApiKeyDto, AuditRecordDto, GrantDto, MemberDto, ModelDto, PermissionsDto, ProjectDto,
+    ProjectPermissionsDto, ProviderDto, UserDto,
 };
 use chrono::{DateTime, Utc};
 use comfy_table::{Table, presets};
@@ -55,7 +55,9 @@ impl Format {
     /// (`{"data": [...]}`) without a cursor.
     pub fn list<T: Serialize + Tabular>(self, items: &[T]) -> anyhow::Result<String> {
         match self {
-            Format::Json => Ok(serde_json::to_string_pretty(&serde_json::json!({ "data": items }))?),
+            Format::Json => {
+                Ok(serde_json::to_string_pretty(&serde_json::json!({ "data": items }))?)
+            }
             Format::Table => Ok(table(items)),
         }
     }
@@ -221,7 +223,12 @@ impl Tabular for MemberDto {
     const COLUMNS: &'static [&'static str] = &["USER ID", "EMAIL", "NAME", "ADDED"];
 
     fn row(&self) -> Vec<String> {
-        vec![self.user_id.to_string(), self.email.clone(), self.name.clone(), short_time(&self.added_at)]
+        vec![
+            self.user_id.to_string(),
+            self.email.clone(),
+            self.name.clone(),
+            short_time(&self.added_at),
+        ]
     }
 }
 
@@ -368,8 +375,14 @@ mod tests {
     #[test]
     fn one_resource_renders_as_field_value_lines() {
         let rendered = Format::Table.one(&project("search", "the search team")).unwrap();
-        assert!(rendered.lines().any(|l| l.starts_with("NAME") && l.ends_with("search")), "{rendered}");
-        assert!(rendered.lines().any(|l| l.starts_with("CREATED BY") && l.ends_with('-')), "{rendered}");
+        assert!(
+            rendered.lines().any(|l| l.starts_with("NAME") && l.ends_with("search")),
+            "{rendered}"
+        );
+        assert!(
+            rendered.lines().any(|l| l.starts_with("CREATED BY") && l.ends_with('-')),
+            "{rendered}"
+        );
     }
 
     #[test]
