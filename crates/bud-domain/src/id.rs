@@ -90,5 +90,14 @@ id_type!(
     GrantId, "grant"
 );
 
+id_type!(
+    /// A registered cluster (Kubernetes, or this machine's `local` cluster).
+    ClusterId, "cluster"
+);
+id_type!(
+    /// A model endpoint: a model deployed with some replicas on a cluster.
+    EndpointId, "endpoint"
+);
+
 /// Position of a record in the audit log's hash chain; the first record is 1.
 pub type AuditSeq = i64;

@@ -30,12 +30,16 @@ macro_rules! str_enum {
 
 pub mod authz;
 pub mod id;
+pub mod lifecycle;
 pub mod page;
 pub mod resource;
 pub mod validate;
 
 pub use authz::{Access, Decision, Grant, Module, Permission, Role, Subject, Target};
-pub use id::{ApiKeyId, AuditSeq, GrantId, ModelId, ProjectId, ProviderId, UserId};
+pub use id::{
+    ApiKeyId, AuditSeq, ClusterId, EndpointId, GrantId, ModelId, ProjectId, ProviderId, UserId,
+};
+pub use lifecycle::{ClusterStatus, EndpointCommand, EndpointStatus, FailureReason};
 pub use page::{Cursor, Page, PageLimit};
 pub use resource::{Engine, Modality};
 pub use validate::{Email, Name, SourceUri, ValidationError};
