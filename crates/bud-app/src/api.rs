@@ -27,7 +27,7 @@ use utoipa_axum::routes;
 
 use crate::error::ApiError;
 use crate::state::AppState;
-use crate::telemetry::request_context;
+use bud_telemetry::request_context;
 
 #[derive(OpenApi)]
 #[openapi(

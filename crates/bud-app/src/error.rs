@@ -12,7 +12,7 @@ use bud_domain::{Permission, ValidationError};
 use bud_protocol::{ErrorBody, ErrorDetail};
 use bud_store::StoreError;
 
-use crate::telemetry::current_request_id;
+use bud_telemetry::current_request_id;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {

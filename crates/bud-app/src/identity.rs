@@ -23,7 +23,7 @@ use sha2::{Digest, Sha256};
 use crate::config::IdentityMode;
 use crate::error::{ApiError, ApiResult};
 use crate::state::AppState;
-use crate::telemetry::current_request_id;
+use bud_telemetry::current_request_id;
 
 /// An authenticated caller: the user record and what the policy knows about them.
 #[derive(Debug, Clone)]

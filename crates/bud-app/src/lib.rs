@@ -14,7 +14,6 @@ mod permissions_view;
 pub mod secrets;
 pub mod ssrf;
 pub mod state;
-pub mod telemetry;
 
 use std::net::SocketAddr;
 

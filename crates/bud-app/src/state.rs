@@ -12,7 +12,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::config::{AppConfig, IdentityMode};
 use crate::identity::LoginLimiter;
-use crate::telemetry::metrics_handle;
+use bud_telemetry::metrics_handle;
 
 /// Cheap to clone: one `Arc`.
 #[derive(Clone)]
