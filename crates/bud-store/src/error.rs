@@ -71,6 +71,11 @@ impl StoreError {
                     _ if db.message().contains("UNIQUE constraint failed") => {
                         StoreError::Conflict { what: words.conflict.to_owned() }
                     }
+                    // Likewise a foreign key declared ON DELETE RESTRICT: SQLite enforces it
+                    // like a trigger and reports SQLITE_CONSTRAINT_TRIGGER.
+                    _ if db.message().contains("FOREIGN KEY constraint failed") => {
+                        StoreError::Reference { what: words.reference.to_owned() }
+                    }
                     _ => StoreError::Database(err),
                 }
             }

@@ -54,7 +54,7 @@ impl Store {
         .bind(user.to_string())
         .bind(permission.to_string())
         .bind(project.map(|id| id.to_string()));
-        self.delete_audited(delete, audit).await
+        self.delete_audited(delete, Violations::GENERIC, audit).await
     }
 
     /// Every grant the user holds, oldest first.

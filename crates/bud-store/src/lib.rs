@@ -1,17 +1,22 @@
 //! The only SQL in Bud: a connection pool, the migrations for SQLite and PostgreSQL, and one
 //! module per aggregate.
 //!
-//! One code path of SQL runs on both backends through sqlx's `Any` driver: `$N` placeholders,
-//! UUID text ids, BIGINT unix-millisecond timestamps, nullable timestamps instead of booleans.
-//! Services create ids and timestamps; the store persists what it is given. Every mutating
-//! method that changes platform state takes the [`AuditEvent`] describing the change and appends
-//! it to the hash-chained audit log in the same transaction, so no change lands without its
-//! audit record.
+//! One code path of SQL runs on both backends through sqlx's `Any` driver: `$N` placeholders, UUID
+//! text ids, BIGINT unix-millisecond timestamps, nullable timestamps instead of booleans. Services
+//! create ids and timestamps; the store persists what it is given (it mints only the ids of the
+//! events it writes beside a change, see `row::event_id`). Every mutating method that changes
+//! platform state takes the [`AuditEvent`] describing the change and appends it to the hash-chained
+//! audit log in the same transaction, so no change lands without its audit record. What the system
+//! itself observes or coordinates (cluster probes, the reconciler's status changes and ready
+//! replicas, leases) is not audited: cluster and endpoint events record it instead.
 
 mod api_keys;
 mod audit;
+mod clusters;
+mod endpoints;
 mod error;
 mod grants;
+mod leases;
 mod models;
 mod projects;
 mod providers;
@@ -22,6 +27,8 @@ mod tokens;
 mod users;
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use sqlx::any::{AnyArguments, AnyPoolOptions, AnyRow};
@@ -33,6 +40,10 @@ pub use api_keys::ApiKey;
 pub use audit::{
     AuditEvent, AuditFilter, AuditRecord, AuditVerification, GENESIS_HASH, audit_hash,
 };
+pub use clusters::{
+    Cluster, ClusterEvent, ClusterKind, DEFAULT_WORKLOADS_NAMESPACE, Inventory, ProbeRecord,
+};
+pub use endpoints::{Endpoint, EndpointEvent, EndpointPatch, StatusChange};
 pub use error::StoreError;
 pub use grants::GrantRecord;
 pub use models::{Model, ModelPatch};
@@ -81,6 +92,8 @@ pub enum Backend {
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    /// Modifying statements run through this store and its clones; see [`Store::writes`].
+    writes: Arc<AtomicU64>,
 }
 
 impl Store {
@@ -101,7 +114,7 @@ impl Store {
             .after_connect(move |conn, _meta| Box::pin(configure_session(conn, timeout_ms)))
             .connect(&url)
             .await?;
-        Ok(Store { pool, backend })
+        Ok(Store { pool, backend, writes: Arc::default() })
     }
 
     /// Applies the migrations this build embeds for the backend; never destructive.
@@ -133,11 +146,39 @@ impl Store {
         (self.pool.size(), self.pool.num_idle())
     }
 
+    /// How many statements that modify rows (INSERT, UPDATE, DELETE, upsert) this store and its
+    /// clones have run since it connected, for benchmarks and tests: a pass of the reconciler
+    /// that finds nothing to change must leave it as it was.
+    ///
+    /// It counts statements *run*, not rows changed: an `UPDATE` whose `WHERE` matches nothing
+    /// counts, as does one that fails or whose transaction rolls back; an audit record counts
+    /// as the three statements that chain it. Reads, migrations and [`Store::execute_raw`] do
+    /// not count.
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::Relaxed)
+    }
+
     /// Runs raw SQL (several statements allowed) and returns the rows affected. Test support
-    /// only: contract tests use it to tamper with the audit log.
+    /// only: contract tests use it to tamper with the audit log. Not counted in
+    /// [`Store::writes`].
     #[doc(hidden)]
     pub async fn execute_raw(&self, sql: &str) -> Result<u64, StoreError> {
         Ok(sqlx::raw_sql(sql).execute(&self.pool).await?.rows_affected())
+    }
+
+    /// Counts one modifying statement in [`Store::writes`]. Every INSERT, UPDATE and DELETE in
+    /// this crate calls it just before running the statement.
+    fn note_write(&self) {
+        self.writes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `FOR UPDATE` on PostgreSQL, to lock a row read before changing it; nothing on SQLite,
+    /// whose write transactions ([`Store::begin_write`]) already hold the database's lock.
+    fn for_update(&self) -> &'static str {
+        match self.backend {
+            Backend::Sqlite => "",
+            Backend::Postgres => " FOR UPDATE",
+        }
     }
 
     /// Starts a transaction that will write. SQLite takes the write lock up front (`BEGIN
@@ -168,8 +209,9 @@ impl Store {
         audit: &AuditEvent,
     ) -> Result<(), StoreError> {
         let mut tx = self.begin_write().await?;
+        self.note_write();
         statement.execute(&mut *tx).await.map_err(|e| StoreError::from_sqlx(e, words))?;
-        audit::append_in(&mut tx, audit).await?;
+        self.append_in(&mut tx, audit).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -186,28 +228,34 @@ impl Store {
         T: TryFrom<R, Error = StoreError>,
     {
         let mut tx = self.begin_write().await?;
+        self.note_write();
         let row = statement
             .fetch_optional(&mut *tx)
             .await
             .map_err(|e| StoreError::from_sqlx(e, words))?;
         let Some(row) = row else { return Ok(None) };
         let updated = T::try_from(row)?;
-        audit::append_in(&mut tx, audit).await?;
+        self.append_in(&mut tx, audit).await?;
         tx.commit().await?;
         Ok(Some(updated))
     }
 
-    /// Runs a `DELETE`; false when it removed nothing.
+    /// Runs a `DELETE`; false when it removed nothing. A foreign key that refuses the delete
+    /// (rows elsewhere still refer to it) is worded with `words.reference`.
     async fn delete_audited(
         &self,
         statement: Statement<'_>,
+        words: Violations<'_>,
         audit: &AuditEvent,
     ) -> Result<bool, StoreError> {
         let mut tx = self.begin_write().await?;
-        if statement.execute(&mut *tx).await?.rows_affected() == 0 {
+        self.note_write();
+        let deleted =
+            statement.execute(&mut *tx).await.map_err(|e| StoreError::from_sqlx(e, words))?;
+        if deleted.rows_affected() == 0 {
             return Ok(false);
         }
-        audit::append_in(&mut tx, audit).await?;
+        self.append_in(&mut tx, audit).await?;
         tx.commit().await?;
         Ok(true)
     }

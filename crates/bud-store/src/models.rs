@@ -106,10 +106,13 @@ impl Store {
         self.update_audited(update, MODEL_WORDS, audit).await
     }
 
-    /// False (and no audit record) if there was no such model.
+    /// False (and no audit record) if there was no such model; Reference while endpoints
+    /// still serve it.
     pub async fn delete_model(&self, id: ModelId, audit: &AuditEvent) -> Result<bool, StoreError> {
         let delete = sqlx::query("DELETE FROM models WHERE id = $1").bind(id.to_string());
-        self.delete_audited(delete, audit).await
+        let words =
+            Violations { reference: "endpoints still serve this model", ..Violations::GENERIC };
+        self.delete_audited(delete, words, audit).await
     }
 }
 

@@ -2,7 +2,7 @@
 
 use bud_domain::{Cursor, Email, Name, Page, PageLimit, ProjectId, Timestamp, UserId};
 
-use crate::audit::{AuditEvent, append_in};
+use crate::audit::AuditEvent;
 use crate::error::Violations;
 use crate::row::{after_key, ms, opt_parse, overfetch, stored, timestamp};
 use crate::{Store, StoreError};
@@ -49,6 +49,7 @@ impl Store {
         let words =
             Violations { conflict: PROJECT_CONFLICT, reference: "the creator does not exist" };
         let mut tx = self.begin_write().await?;
+        self.note_write();
         sqlx::query(
             "INSERT INTO projects (id, name, description, created_by, created_at, updated_at) \
              VALUES ($1, $2, $3, $4, $5, $6)",
@@ -63,6 +64,7 @@ impl Store {
         .await
         .map_err(|e| StoreError::from_sqlx(e, words))?;
         if let Some((user, added_at)) = creator_member {
+            self.note_write();
             sqlx::query(
                 "INSERT INTO project_members (project_id, user_id, added_at) VALUES ($1, $2, $3)",
             )
@@ -73,7 +75,7 @@ impl Store {
             .await
             .map_err(|e| StoreError::from_sqlx(e, words))?;
         }
-        append_in(&mut tx, audit).await?;
+        self.append_in(&mut tx, audit).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -147,14 +149,19 @@ impl Store {
     }
 
     /// Deletes the project with its members, API keys and project grants; false (and no audit
-    /// record) if there was no such project.
+    /// record) if there was no such project. Reference while endpoints remain in the project:
+    /// they hold GPUs on a cluster, so they are stopped and deleted first, never swept away.
     pub async fn delete_project(
         &self,
         id: ProjectId,
         audit: &AuditEvent,
     ) -> Result<bool, StoreError> {
         let delete = sqlx::query("DELETE FROM projects WHERE id = $1").bind(id.to_string());
-        self.delete_audited(delete, audit).await
+        let words = Violations {
+            reference: "the project still has endpoints; delete them first",
+            ..Violations::GENERIC
+        };
+        self.delete_audited(delete, words, audit).await
     }
 
     /// Conflict when the user is already a member; Reference when the user or project is missing.
@@ -189,7 +196,7 @@ impl Store {
             sqlx::query("DELETE FROM project_members WHERE project_id = $1 AND user_id = $2")
                 .bind(project.to_string())
                 .bind(user.to_string());
-        self.delete_audited(delete, audit).await
+        self.delete_audited(delete, Violations::GENERIC, audit).await
     }
 
     /// A project's members ordered by user id; the cursor is the last user id.

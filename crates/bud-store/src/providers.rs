@@ -107,7 +107,7 @@ impl Store {
         audit: &AuditEvent,
     ) -> Result<bool, StoreError> {
         let delete = sqlx::query("DELETE FROM providers WHERE id = $1").bind(id.to_string());
-        self.delete_audited(delete, audit).await
+        self.delete_audited(delete, Violations::GENERIC, audit).await
     }
 }
 

@@ -42,3 +42,26 @@ pub(crate) fn after_key(after: Option<&Cursor>) -> &str {
 pub(crate) fn overfetch(limit: PageLimit) -> i64 {
     i64::from(limit.get()) + 1
 }
+
+/// A value stored as JSON text.
+#[expect(
+    clippy::expect_used,
+    reason = "the store's JSON columns hold plain structs and string lists, whose serialisation \
+              cannot fail"
+)]
+pub(crate) fn json_text<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_string(value).expect("plain data serialises to JSON")
+}
+
+/// Parses a value stored as JSON text.
+pub(crate) fn from_json<T: serde::de::DeserializeOwned>(
+    text: &str,
+) -> Result<T, serde_json::Error> {
+    serde_json::from_str(text)
+}
+
+/// A fresh id for a row the store itself adds (events written beside a change): UUIDv7, so
+/// newer events sort after older ones written in the same millisecond.
+pub(crate) fn event_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}

@@ -39,6 +39,7 @@ pub struct SigningKey {
 impl Store {
     /// Reference when the user does not exist.
     pub async fn insert_refresh_token(&self, token: &RefreshToken) -> Result<(), StoreError> {
+        self.note_write();
         sqlx::query(
             "INSERT INTO refresh_tokens (id, family_id, user_id, token_hash, created_at, \
              expires_at, used_at, revoked_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
@@ -87,6 +88,7 @@ impl Store {
         id: &str,
         now: Timestamp,
     ) -> Result<bool, StoreError> {
+        self.note_write();
         let marked = sqlx::query(
             "UPDATE refresh_tokens SET used_at = $2 \
              WHERE id = $1 AND used_at IS NULL AND revoked_at IS NULL",
@@ -118,6 +120,7 @@ impl Store {
     }
 
     pub async fn insert_signing_key(&self, key: &SigningKey) -> Result<(), StoreError> {
+        self.note_write();
         sqlx::query(
             "INSERT INTO signing_keys (kid, algorithm, private_key_ciphertext, public_jwk, \
              created_at, retired_at) VALUES ($1, $2, $3, $4, $5, $6)",
@@ -155,6 +158,7 @@ impl Store {
 
     /// Retires a key, keeping the first retired_at; false if there is no such key.
     pub async fn retire_signing_key(&self, kid: &str, now: Timestamp) -> Result<bool, StoreError> {
+        self.note_write();
         let updated = sqlx::query(
             "UPDATE signing_keys SET retired_at = COALESCE(retired_at, $2) WHERE kid = $1",
         )
@@ -172,6 +176,7 @@ impl Store {
         value: &str,
         now: Timestamp,
     ) -> Result<u64, StoreError> {
+        self.note_write();
         let revoked = sqlx::query(&format!(
             "UPDATE refresh_tokens SET revoked_at = $2 WHERE {condition} AND revoked_at IS NULL"
         ))

@@ -2,7 +2,7 @@
 
 use bud_domain::{Cursor, Email, Name, Page, PageLimit, Role, Timestamp, UserId};
 
-use crate::audit::{AuditEvent, append_in};
+use crate::audit::AuditEvent;
 use crate::error::{Violations, unique_violation_mentions};
 use crate::row::{after_key, ms, opt_timestamp, overfetch, stored, timestamp};
 use crate::{Store, StoreError};
@@ -39,6 +39,7 @@ impl Store {
     /// Conflict when the email, or the issuer and subject, already belong to a user.
     pub async fn create_user(&self, user: &User, audit: &AuditEvent) -> Result<(), StoreError> {
         let mut tx = self.begin_write().await?;
+        self.note_write();
         sqlx::query(
             "INSERT INTO users (id, email, name, role, password_hash, issuer, subject, \
              created_at, updated_at, disabled_at) \
@@ -64,7 +65,7 @@ impl Store {
             };
             StoreError::from_sqlx(e, Violations { conflict, ..Violations::GENERIC })
         })?;
-        append_in(&mut tx, audit).await?;
+        self.append_in(&mut tx, audit).await?;
         tx.commit().await?;
         Ok(())
     }

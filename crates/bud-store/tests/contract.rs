@@ -9,14 +9,17 @@
 use std::time::Duration;
 
 use bud_domain::{
-    ApiKeyId, Cursor, Email, Engine, Grant, GrantId, Modality, ModelId, Name, Page, PageLimit,
-    Permission, ProjectId, ProviderId, Role, SourceUri, Timestamp, UserId,
+    ApiKeyId, ClusterId, ClusterStatus, Cursor, Email, EndpointId, EndpointStatus, Engine,
+    FailureReason, Grant, GrantId, Modality, ModelId, Name, Page, PageLimit, Permission, ProjectId,
+    ProviderId, Role, SourceUri, Timestamp, UserId,
 };
 use bud_store::testing::{TestDatabase, fresh_postgres, fresh_sqlite, postgres_admin_url};
 use bud_store::{
-    ApiKey, AuditEvent, AuditFilter, AuditRecord, Backend, GENESIS_HASH, GrantRecord, Model,
-    ModelPatch, Project, ProjectPatch, Provider, ProviderPatch, RefreshToken, SigningKey, Store,
-    StoreConfig, StoreError, User, UserPatch, audit_hash,
+    ApiKey, AuditEvent, AuditFilter, AuditRecord, Backend, Cluster, ClusterKind,
+    DEFAULT_WORKLOADS_NAMESPACE, Endpoint, EndpointEvent, EndpointPatch, GENESIS_HASH, GrantRecord,
+    Inventory, Model, ModelPatch, ProbeRecord, Project, ProjectPatch, Provider, ProviderPatch,
+    RefreshToken, SealedKind, SigningKey, StatusChange, Store, StoreConfig, StoreError, User,
+    UserPatch, audit_hash,
 };
 use sqlx::Connection;
 
@@ -76,6 +79,20 @@ contract_tests!(
     a_locked_database_is_unavailable,
     a_closed_pool_is_unavailable,
     a_saturated_pool_fails_fast,
+    clusters_round_trip_paginate_and_conflict,
+    cluster_probes_are_compare_and_set,
+    user_cluster_changes_are_audited_and_recorded,
+    deleting_what_endpoints_use_is_refused,
+    endpoints_round_trip_paginate_and_follow_visibility,
+    endpoint_conflicts_and_references,
+    update_endpoint_bumps_the_generation,
+    transition_endpoint_is_compare_and_set,
+    set_ready_replicas_writes_only_changes,
+    endpoint_events_are_listed_newest_first,
+    leases_have_one_holder_at_a_time,
+    concurrent_acquirers_of_a_lease_one_wins,
+    sealed_kubeconfigs_are_listed_and_resealable,
+    a_reconcile_pass_that_changes_nothing_writes_nothing,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -1094,4 +1111,760 @@ async fn futures_join_all<T>(
         out.push(task.await.unwrap());
     }
     out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clusters, endpoints and leases
+
+fn cluster_record(cluster_name: &str, kind: ClusterKind) -> Cluster {
+    let kubeconfig = match kind {
+        ClusterKind::Local => String::new(),
+        ClusterKind::Kubernetes => format!("sealed-kubeconfig-{cluster_name}"),
+    };
+    Cluster {
+        id: ClusterId::new(),
+        name: name(cluster_name),
+        kind,
+        kubeconfig_ciphertext: kubeconfig,
+        namespace: DEFAULT_WORKLOADS_NAMESPACE.to_owned(),
+        status: ClusterStatus::Registering,
+        reason: String::new(),
+        consecutive_failures: 0,
+        last_checked_at: None,
+        inventory: None,
+        created_by: None,
+        created_at: now(),
+        updated_at: now(),
+    }
+}
+
+async fn new_cluster(store: &Store, cluster_name: &str) -> Cluster {
+    let cluster = cluster_record(cluster_name, ClusterKind::Kubernetes);
+    store.create_cluster(&cluster, &event("cluster.create", "cluster", cluster.id)).await.unwrap();
+    cluster
+}
+
+async fn new_model(store: &Store, model_name: &str) -> Model {
+    let model = model_record(model_name);
+    store.create_model(&model, &event("model.create", "model", model.id)).await.unwrap();
+    model
+}
+
+fn endpoint_record(project: ProjectId, model: ModelId, cluster: ClusterId, n: &str) -> Endpoint {
+    Endpoint {
+        id: EndpointId::new(),
+        project_id: project,
+        model_id: model,
+        cluster_id: cluster,
+        name: name(n),
+        replicas: 2,
+        min_replicas: 1,
+        engine_args: vec!["--max-model-len".to_owned(), "4096".to_owned()],
+        gpus_per_replica: 1,
+        deployment_timeout_secs: 600,
+        status: EndpointStatus::Pending,
+        reason: None,
+        reason_detail: String::new(),
+        status_since: now(),
+        ready_replicas: 0,
+        generation: 1,
+        created_by: None,
+        created_at: now(),
+        updated_at: now(),
+    }
+}
+
+async fn new_endpoint(store: &Store, endpoint: &Endpoint) {
+    let audit = event("endpoint.create", "endpoint", endpoint.id);
+    store.create_endpoint(endpoint, &audit).await.unwrap();
+}
+
+/// A project, a model and a cluster to deploy on.
+async fn deployment_target(store: &Store) -> (Project, Model, Cluster) {
+    let project = new_project(store, "alpha", None).await;
+    let model = new_model(store, "llama").await;
+    let cluster = new_cluster(store, "gpu-east").await;
+    (project, model, cluster)
+}
+
+fn probe(status: ClusterStatus, failures: i64, at: i64) -> ProbeRecord {
+    ProbeRecord {
+        status,
+        reason: if status == ClusterStatus::Available { String::new() } else { "refused".into() },
+        consecutive_failures: failures,
+        inventory: Some(Inventory {
+            nodes: 2,
+            gpus_total: 8,
+            gpus_allocatable: 6,
+            device_plugin_running: true,
+        }),
+        checked_at: ts(at),
+    }
+}
+
+fn change(from: EndpointStatus, to: EndpointStatus, at: i64, message: &str) -> StatusChange {
+    StatusChange {
+        from,
+        to,
+        reason: None,
+        reason_detail: String::new(),
+        at: ts(at),
+        message: message.to_owned(),
+    }
+}
+
+/// Each event's (from, to) statuses, newest first.
+async fn cluster_history(
+    store: &Store,
+    id: ClusterId,
+) -> Vec<(Option<ClusterStatus>, ClusterStatus)> {
+    let events = store.cluster_events(id, 100).await.unwrap();
+    events.iter().map(|e| (e.from_status, e.to_status)).collect()
+}
+
+async fn clusters_round_trip_paginate_and_conflict(db: &TestDatabase) {
+    let ada = new_user(db, "ada@example.com").await;
+    let local = cluster_record("local", ClusterKind::Local);
+    db.create_cluster(&local, &event("cluster.create", "cluster", local.id)).await.unwrap();
+    let mut probed = cluster_record("gpu-west", ClusterKind::Kubernetes);
+    probed.status = ClusterStatus::NotAvailable;
+    probed.reason = "connection refused".to_owned();
+    probed.consecutive_failures = 2;
+    probed.last_checked_at = Some(ts(1_900_000_000_000));
+    probed.inventory = Some(Inventory { nodes: 1, gpus_total: 4, ..Inventory::default() });
+    probed.created_by = Some(ada.id);
+    probed.namespace = "team-a".to_owned();
+    db.create_cluster(&probed, &event("cluster.create", "cluster", probed.id)).await.unwrap();
+    let east = new_cluster(db, "gpu-east").await;
+    assert_eq!(audit_count(db).await, 4);
+
+    assert_eq!(db.cluster(local.id).await.unwrap(), Some(local.clone()));
+    assert_eq!(db.cluster(probed.id).await.unwrap(), Some(probed.clone()));
+    assert_eq!(db.cluster(ClusterId::new()).await.unwrap(), None);
+    assert_eq!(db.cluster_by_name("gpu-east").await.unwrap(), Some(east.clone()));
+    assert_eq!(db.cluster_by_name("nowhere").await.unwrap(), None);
+
+    let mut expected = vec![local.clone(), probed.clone(), east.clone()];
+    expected.sort_by_key(|c| c.id.to_string());
+    let pages = all_pages(async |c| db.list_clusters(c.as_ref(), limit(2)).await.unwrap()).await;
+    assert_eq!(pages.iter().map(Vec::len).collect::<Vec<_>>(), vec![2, 1]);
+    assert_eq!(pages.concat(), expected);
+    assert_eq!(db.all_clusters().await.unwrap(), expected);
+
+    // Creation is the first event of a cluster's history.
+    let events = db.cluster_events(probed.id, 10).await.unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].cluster_id, probed.id);
+    assert_eq!(events[0].from_status, None);
+    assert_eq!(events[0].to_status, ClusterStatus::NotAvailable);
+    assert_eq!(events[0].at, probed.created_at);
+
+    let again = cluster_record("gpu-east", ClusterKind::Kubernetes);
+    let audit = event("cluster.create", "cluster", again.id);
+    assert_conflict(
+        db.create_cluster(&again, &audit).await,
+        "a cluster with this name already exists",
+    );
+    let mut orphan = cluster_record("orphan", ClusterKind::Local);
+    orphan.created_by = Some(UserId::new());
+    let audit = event("cluster.create", "cluster", orphan.id);
+    assert_reference(db.create_cluster(&orphan, &audit).await, "the creator does not exist");
+    assert!(db.cluster_events(orphan.id, 10).await.unwrap().is_empty(), "rolled back");
+    assert_eq!(audit_count(db).await, 4);
+
+    db.execute_raw(&format!("UPDATE clusters SET inventory = '[1' WHERE id = '{}'", east.id))
+        .await
+        .unwrap();
+    match db.cluster(east.id).await {
+        Err(StoreError::Corrupt(why)) => assert!(why.contains("clusters.inventory"), "{why}"),
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    db.execute_raw(&format!("UPDATE clusters SET kind = 'docker' WHERE id = '{}'", local.id))
+        .await
+        .unwrap();
+    assert!(matches!(db.all_clusters().await, Err(StoreError::Corrupt(_))));
+}
+
+async fn cluster_probes_are_compare_and_set(db: &TestDatabase) {
+    let cluster = new_cluster(db, "gpu-east").await;
+    let audits = audit_count(db).await;
+    use ClusterStatus::*;
+
+    let found = probe(Available, 0, 1_900_000_000_000);
+    assert!(db.record_probe(cluster.id, Registering, &found).await.unwrap());
+    let after = db.cluster(cluster.id).await.unwrap().unwrap();
+    assert_eq!(after.status, Available);
+    assert_eq!(after.inventory, found.inventory);
+    assert_eq!(after.last_checked_at, Some(ts(1_900_000_000_000)));
+    assert_eq!(after.updated_at, ts(1_900_000_000_000));
+    assert_eq!(after.kubeconfig_ciphertext, cluster.kubeconfig_ciphertext);
+    assert_eq!(
+        cluster_history(db, cluster.id).await,
+        [(Some(Registering), Available), (None, Registering)]
+    );
+
+    // A stale expectation (a user refreshed or deleted meanwhile) writes nothing.
+    let writes = db.writes();
+    let stale = probe(NotAvailable, 1, 1_900_000_001_000);
+    assert!(!db.record_probe(cluster.id, Registering, &stale).await.unwrap());
+    assert!(!db.record_probe(ClusterId::new(), Available, &stale).await.unwrap());
+    assert_eq!(db.cluster(cluster.id).await.unwrap().unwrap(), after);
+    assert_eq!(db.cluster_events(cluster.id, 10).await.unwrap().len(), 2);
+    assert_eq!(db.writes(), writes + 2, "two compare-and-set updates ran, and nothing else");
+
+    // The same status with new findings: applied, but no event.
+    let mut grown = probe(Available, 0, 1_900_000_002_000);
+    grown.inventory = Some(Inventory {
+        nodes: 3,
+        gpus_total: 12,
+        gpus_allocatable: 12,
+        device_plugin_running: true,
+    });
+    assert!(db.record_probe(cluster.id, Available, &grown).await.unwrap());
+    assert_eq!(db.cluster(cluster.id).await.unwrap().unwrap().inventory, grown.inventory);
+    assert_eq!(db.cluster_events(cluster.id, 10).await.unwrap().len(), 2);
+
+    let lost = ProbeRecord { inventory: None, ..probe(NotAvailable, 1, 1_900_000_003_000) };
+    assert!(db.record_probe(cluster.id, Available, &lost).await.unwrap());
+    let now_lost = db.cluster(cluster.id).await.unwrap().unwrap();
+    assert_eq!((now_lost.status, now_lost.consecutive_failures), (NotAvailable, 1));
+    assert_eq!(now_lost.reason, "refused");
+    assert_eq!(now_lost.inventory, None, "stored as given");
+
+    let events = db.cluster_events(cluster.id, 2).await.unwrap();
+    assert_eq!(events.len(), 2, "limited");
+    assert_eq!((events[0].from_status, events[0].to_status), (Some(Available), NotAvailable));
+    assert_eq!(events[0].reason, "refused");
+    assert_eq!(events[0].at, ts(1_900_000_003_000));
+    assert_eq!(events[1].to_status, Available);
+    assert_eq!(audit_count(db).await, audits, "the system observing is not audited");
+}
+
+async fn user_cluster_changes_are_audited_and_recorded(db: &TestDatabase) {
+    use ClusterStatus::*;
+    let cluster = new_cluster(db, "gpu-east").await;
+    assert!(
+        db.record_probe(cluster.id, Registering, &probe(Error, 5, 1_900_000_000_000))
+            .await
+            .unwrap()
+    );
+    let audits = audit_count(db).await;
+    let audit = event("cluster.refresh", "cluster", cluster.id);
+
+    let at = ts(1_900_000_001_000);
+    assert!(
+        !db.set_cluster_status(cluster.id, Available, Registering, "", at, &audit).await.unwrap()
+    );
+    assert!(
+        !db.set_cluster_status(ClusterId::new(), Error, Registering, "", at, &audit).await.unwrap()
+    );
+    assert_eq!(audit_count(db).await, audits, "nothing applied, nothing audited");
+    assert!(
+        db.set_cluster_status(cluster.id, Error, Registering, "refresh requested", at, &audit)
+            .await
+            .unwrap()
+    );
+    assert_eq!(audit_count(db).await, audits + 1);
+    let refreshed = db.cluster(cluster.id).await.unwrap().unwrap();
+    assert_eq!(refreshed.status, Registering);
+    assert_eq!(refreshed.reason, "refresh requested");
+    assert_eq!(refreshed.consecutive_failures, 0);
+    assert_eq!(refreshed.updated_at, at);
+    let last = &db.cluster_events(cluster.id, 1).await.unwrap()[0];
+    assert_eq!((last.from_status, last.to_status), (Some(Error), Registering));
+    assert_eq!(last.reason, "refresh requested");
+
+    // The prober's finding about the cluster before the refresh loses to the user.
+    assert!(
+        !db.record_probe(cluster.id, Error, &probe(Error, 6, 1_900_000_001_500)).await.unwrap()
+    );
+    assert_eq!(db.cluster(cluster.id).await.unwrap().unwrap(), refreshed);
+
+    // A new kubeconfig starts the registration over from any live status.
+    assert!(
+        db.record_probe(cluster.id, Registering, &probe(NotAvailable, 2, 1_900_000_002_000))
+            .await
+            .unwrap()
+    );
+    let audit = event("cluster.kubeconfig", "cluster", cluster.id);
+    let at = ts(1_900_000_003_000);
+    let replaced = db.set_cluster_kubeconfig(cluster.id, "new-sealed", at, &audit).await.unwrap();
+    let replaced = replaced.unwrap();
+    assert_eq!(replaced.kubeconfig_ciphertext, "new-sealed");
+    assert_eq!((replaced.status, replaced.reason.as_str()), (Registering, ""));
+    assert_eq!(replaced.consecutive_failures, 0);
+    assert_eq!(replaced.updated_at, at);
+    assert_eq!(db.cluster(cluster.id).await.unwrap(), Some(replaced));
+    let last = &db.cluster_events(cluster.id, 1).await.unwrap()[0];
+    assert_eq!((last.from_status, last.to_status, last.at), (Some(NotAvailable), Registering, at));
+    assert_eq!(audit_count(db).await, audits + 2);
+    assert_eq!(db.set_cluster_kubeconfig(ClusterId::new(), "x", at, &audit).await.unwrap(), None);
+
+    // A deletion under way is not undone by a new kubeconfig.
+    let delete = event("cluster.delete", "cluster", cluster.id);
+    assert!(
+        db.set_cluster_status(cluster.id, Registering, Deleting, "deleted by ada", at, &delete)
+            .await
+            .unwrap()
+    );
+    assert_eq!(db.set_cluster_kubeconfig(cluster.id, "late", at, &audit).await.unwrap(), None);
+    let deleting = db.cluster(cluster.id).await.unwrap().unwrap();
+    assert_eq!(
+        (deleting.status, deleting.kubeconfig_ciphertext.as_str()),
+        (Deleting, "new-sealed")
+    );
+    assert_eq!(audit_count(db).await, audits + 3);
+    assert_eq!(cluster_history(db, cluster.id).await.len(), 6);
+}
+
+async fn deleting_what_endpoints_use_is_refused(db: &TestDatabase) {
+    let (project, model, cluster) = deployment_target(db).await;
+    let endpoint = endpoint_record(project.id, model.id, cluster.id, "chat");
+    new_endpoint(db, &endpoint).await;
+    let audits = audit_count(db).await;
+
+    let audit = event("delete", "thing", "x");
+    assert_reference(
+        db.delete_project(project.id, &audit).await,
+        "the project still has endpoints; delete them first",
+    );
+    assert_reference(db.delete_model(model.id, &audit).await, "endpoints still serve this model");
+    assert_reference(
+        db.delete_cluster(cluster.id, &audit).await,
+        "endpoints still run on this cluster",
+    );
+    assert_eq!(audit_count(db).await, audits, "refused deletes are not audited");
+    assert!(db.project(project.id).await.unwrap().is_some());
+    assert!(db.model(model.id).await.unwrap().is_some());
+    assert!(db.cluster(cluster.id).await.unwrap().is_some());
+    assert_eq!(db.endpoint(endpoint.id).await.unwrap(), Some(endpoint.clone()));
+
+    assert!(db.delete_endpoint(endpoint.id, &audit).await.unwrap());
+    assert!(!db.delete_endpoint(endpoint.id, &audit).await.unwrap());
+    assert!(db.endpoint_events(endpoint.id, 10).await.unwrap().is_empty(), "events cascade");
+    assert_eq!(db.count_endpoints_on_cluster(cluster.id).await.unwrap(), 0);
+    assert!(db.delete_cluster(cluster.id, &audit).await.unwrap());
+    assert!(!db.delete_cluster(cluster.id, &audit).await.unwrap());
+    assert!(db.cluster_events(cluster.id, 10).await.unwrap().is_empty(), "events cascade");
+    assert!(db.delete_model(model.id, &audit).await.unwrap());
+    assert!(db.delete_project(project.id, &audit).await.unwrap());
+    assert_eq!(audit_count(db).await, audits + 4);
+}
+
+async fn endpoints_round_trip_paginate_and_follow_visibility(db: &TestDatabase) {
+    let ada = new_user(db, "ada@example.com").await;
+    let bob = new_user(db, "bob@example.com").await;
+    let mine = new_project(db, "mine", Some(ada.id)).await;
+    let granted = new_project(db, "granted", None).await;
+    let hidden = new_project(db, "hidden", Some(bob.id)).await;
+    let grant = GrantRecord {
+        id: GrantId::new(),
+        user_id: ada.id,
+        grant: Grant::new(perm("endpoint:view"), Some(granted.id)).unwrap(),
+        granted_by: None,
+        created_at: now(),
+    };
+    db.grant(&grant, &event("grant.create", "user", ada.id)).await.unwrap();
+    let model = new_model(db, "llama").await;
+    let cluster = new_cluster(db, "gpu-east").await;
+    let idle = new_cluster(db, "gpu-west").await;
+
+    let mut all = Vec::new();
+    for (project, n) in [(&mine, 3), (&granted, 1), (&hidden, 2)] {
+        for i in 0..n {
+            let mut endpoint = endpoint_record(project.id, model.id, cluster.id, &format!("e{i}"));
+            endpoint.created_by = Some(ada.id);
+            if i == 1 {
+                endpoint.status = EndpointStatus::Error;
+                endpoint.reason = Some(FailureReason::InsufficientGpus);
+                endpoint.reason_detail = "0/2 nodes are available".to_owned();
+                endpoint.engine_args = Vec::new();
+                endpoint.generation = 7;
+                endpoint.ready_replicas = 1;
+            }
+            new_endpoint(db, &endpoint).await;
+            all.push(endpoint);
+        }
+    }
+    for endpoint in &all {
+        assert_eq!(db.endpoint(endpoint.id).await.unwrap().as_ref(), Some(endpoint));
+    }
+    assert_eq!(db.endpoint(EndpointId::new()).await.unwrap(), None);
+    let created = db.endpoint_events(all[0].id, 10).await.unwrap();
+    assert_eq!(created.len(), 1);
+    assert_eq!((created[0].kind.as_str(), created[0].message.as_str()), ("info", "created"));
+    assert_eq!(created[0].at, all[0].created_at);
+
+    let sorted = |mut v: Vec<Endpoint>| {
+        v.sort_by_key(|e| e.id.to_string());
+        v
+    };
+    let in_project =
+        |p: ProjectId| sorted(all.iter().filter(|e| e.project_id == p).cloned().collect());
+
+    let pages =
+        all_pages(async |c| db.list_endpoints(None, None, c.as_ref(), limit(4)).await.unwrap())
+            .await;
+    assert_eq!(pages.iter().map(Vec::len).collect::<Vec<_>>(), vec![4, 2]);
+    assert_eq!(pages.concat(), sorted(all.clone()));
+    let of_mine = all_pages(async |c| {
+        db.list_endpoints(Some(mine.id), None, c.as_ref(), limit(2)).await.unwrap()
+    })
+    .await
+    .concat();
+    assert_eq!(of_mine, in_project(mine.id));
+
+    let visible = all_pages(async |c| {
+        db.list_endpoints(None, Some(ada.id), c.as_ref(), limit(1)).await.unwrap()
+    })
+    .await
+    .concat();
+    let mut expected = in_project(mine.id);
+    expected.extend(in_project(granted.id));
+    assert_eq!(visible, sorted(expected));
+    let page = db.list_endpoints(Some(granted.id), Some(ada.id), None, limit(10)).await.unwrap();
+    assert_eq!(page.items, in_project(granted.id));
+    let page = db.list_endpoints(Some(hidden.id), Some(ada.id), None, limit(10)).await.unwrap();
+    assert!(page.items.is_empty());
+    let page = db.list_endpoints(None, Some(bob.id), None, limit(10)).await.unwrap();
+    assert_eq!(page.items, in_project(hidden.id));
+
+    assert_eq!(db.endpoints_on_cluster(cluster.id).await.unwrap(), sorted(all.clone()));
+    assert_eq!(db.count_endpoints_on_cluster(cluster.id).await.unwrap(), 6);
+    assert!(db.endpoints_on_cluster(idle.id).await.unwrap().is_empty());
+    assert_eq!(db.count_endpoints_on_cluster(idle.id).await.unwrap(), 0);
+
+    db.execute_raw(&format!("UPDATE endpoints SET reason = 'bad luck' WHERE id = '{}'", all[1].id))
+        .await
+        .unwrap();
+    match db.endpoint(all[1].id).await {
+        Err(StoreError::Corrupt(why)) => assert!(why.contains("endpoints.reason"), "{why}"),
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+}
+
+async fn endpoint_conflicts_and_references(db: &TestDatabase) {
+    let (project, model, cluster) = deployment_target(db).await;
+    let other = new_project(db, "beta", None).await;
+    new_endpoint(db, &endpoint_record(project.id, model.id, cluster.id, "chat")).await;
+    // The same name in another project is fine.
+    new_endpoint(db, &endpoint_record(other.id, model.id, cluster.id, "chat")).await;
+    let audits = audit_count(db).await;
+
+    let audit = event("endpoint.create", "endpoint", "x");
+    let twin = endpoint_record(project.id, model.id, cluster.id, "chat");
+    assert_conflict(
+        db.create_endpoint(&twin, &audit).await,
+        "an endpoint with this name already exists in the project",
+    );
+    const MISSING: &str = "the project, model or cluster does not exist";
+    for endpoint in [
+        endpoint_record(ProjectId::new(), model.id, cluster.id, "a"),
+        endpoint_record(project.id, ModelId::new(), cluster.id, "b"),
+        endpoint_record(project.id, model.id, ClusterId::new(), "c"),
+    ] {
+        assert_reference(db.create_endpoint(&endpoint, &audit).await, MISSING);
+        assert_eq!(db.endpoint(endpoint.id).await.unwrap(), None);
+        assert!(db.endpoint_events(endpoint.id, 10).await.unwrap().is_empty(), "rolled back");
+    }
+    assert_eq!(audit_count(db).await, audits);
+    assert_eq!(db.count_endpoints_on_cluster(cluster.id).await.unwrap(), 2);
+}
+
+async fn update_endpoint_bumps_the_generation(db: &TestDatabase) {
+    let (project, model, cluster) = deployment_target(db).await;
+    let endpoint = endpoint_record(project.id, model.id, cluster.id, "chat");
+    new_endpoint(db, &endpoint).await;
+    let audits = audit_count(db).await;
+    let audit = event("endpoint.scale", "endpoint", endpoint.id);
+
+    let at = ts(1_900_000_000_000);
+    let patch = EndpointPatch { replicas: Some(4), ..EndpointPatch::default() };
+    let scaled = db.update_endpoint(endpoint.id, &patch, at, &audit).await.unwrap().unwrap();
+    assert_eq!((scaled.replicas, scaled.min_replicas), (4, 1));
+    assert_eq!(scaled.generation, endpoint.generation + 1);
+    assert_eq!(scaled.updated_at, at);
+    assert_eq!((scaled.status, scaled.status_since), (endpoint.status, endpoint.status_since));
+    assert_eq!(db.endpoint(endpoint.id).await.unwrap(), Some(scaled.clone()));
+    let last = &db.endpoint_events(endpoint.id, 1).await.unwrap()[0];
+    assert_eq!((last.kind.as_str(), last.at), ("info", at));
+    assert!(last.message.contains("replicas 4"), "{}", last.message);
+
+    let patch = EndpointPatch { min_replicas: Some(3), replicas: None };
+    let again = db.update_endpoint(endpoint.id, &patch, now(), &audit).await.unwrap().unwrap();
+    assert_eq!(
+        (again.replicas, again.min_replicas, again.generation),
+        (4, 3, endpoint.generation + 2)
+    );
+    assert_eq!(audit_count(db).await, audits + 2);
+
+    assert_eq!(db.update_endpoint(EndpointId::new(), &patch, now(), &audit).await.unwrap(), None);
+    assert_eq!(audit_count(db).await, audits + 2);
+    assert_eq!(db.endpoint_events(endpoint.id, 10).await.unwrap().len(), 3);
+}
+
+async fn transition_endpoint_is_compare_and_set(db: &TestDatabase) {
+    use EndpointStatus::*;
+    let (project, model, cluster) = deployment_target(db).await;
+    let endpoint = endpoint_record(project.id, model.id, cluster.id, "chat");
+    new_endpoint(db, &endpoint).await;
+    let audits = audit_count(db).await;
+
+    // The reconciler: no audit record, the generation stays.
+    let deploy = change(Pending, Deploying, 1_900_000_000_000, "deploying 2 replicas");
+    assert!(db.transition_endpoint(endpoint.id, &deploy, Some(1), None).await.unwrap());
+    let deploying = db.endpoint(endpoint.id).await.unwrap().unwrap();
+    assert_eq!(deploying.status, Deploying);
+    assert_eq!(deploying.status_since, ts(1_900_000_000_000));
+    assert_eq!(deploying.updated_at, ts(1_900_000_000_000));
+    assert_eq!(deploying.generation, 1);
+    assert_eq!(audit_count(db).await, audits);
+    let last = &db.endpoint_events(endpoint.id, 1).await.unwrap()[0];
+    assert_eq!((last.kind.as_str(), last.message.as_str()), ("status", "deploying 2 replicas"));
+    assert_eq!(last.at, ts(1_900_000_000_000));
+
+    // A decision taken in a status that no longer holds is dropped.
+    assert!(!db.transition_endpoint(endpoint.id, &deploy, None, None).await.unwrap());
+    assert!(!db.transition_endpoint(EndpointId::new(), &deploy, None, None).await.unwrap());
+    assert_eq!(db.endpoint(endpoint.id).await.unwrap().unwrap(), deploying);
+    assert_eq!(db.endpoint_events(endpoint.id, 10).await.unwrap().len(), 2);
+
+    // So is one taken on an older spec.
+    let scale = EndpointPatch { replicas: Some(3), ..EndpointPatch::default() };
+    let audit = event("endpoint.scale", "endpoint", endpoint.id);
+    let scaled = db.update_endpoint(endpoint.id, &scale, now(), &audit).await.unwrap().unwrap();
+    assert_eq!(scaled.generation, 2);
+    let mut timeout = change(Deploying, Error, 1_900_000_600_000, "not ready in time");
+    timeout.reason = Some(FailureReason::Timeout);
+    timeout.reason_detail = "1/3 ready after 600s".to_owned();
+    assert!(!db.transition_endpoint(endpoint.id, &timeout, Some(1), None).await.unwrap());
+    assert_eq!(db.endpoint(endpoint.id).await.unwrap().unwrap(), scaled);
+    assert!(db.transition_endpoint(endpoint.id, &timeout, Some(2), None).await.unwrap());
+    let failed = db.endpoint(endpoint.id).await.unwrap().unwrap();
+    assert_eq!((failed.status, failed.reason), (Error, Some(FailureReason::Timeout)));
+    assert_eq!(failed.reason_detail, "1/3 ready after 600s");
+    assert_eq!(failed.status_since, ts(1_900_000_600_000));
+    assert_eq!(failed.generation, 2);
+    assert_eq!(audit_count(db).await, audits + 1, "only the scale was audited");
+
+    // A user command: audited, bumps the generation, clears the reason.
+    let retry = change(Error, Deploying, 1_900_000_700_000, "retried by ada");
+    let audit = event("endpoint.retry", "endpoint", endpoint.id);
+    assert!(db.transition_endpoint(endpoint.id, &retry, None, Some(&audit)).await.unwrap());
+    let retried = db.endpoint(endpoint.id).await.unwrap().unwrap();
+    assert_eq!((retried.status, retried.reason), (Deploying, None));
+    assert_eq!(retried.reason_detail, "");
+    assert_eq!(retried.generation, 3);
+    assert_eq!(audit_count(db).await, audits + 2);
+    // A refused user command is not audited.
+    assert!(!db.transition_endpoint(endpoint.id, &retry, None, Some(&audit)).await.unwrap());
+    assert_eq!(audit_count(db).await, audits + 2);
+
+    let messages: Vec<String> = db
+        .endpoint_events(endpoint.id, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == "status")
+        .map(|e| e.message)
+        .collect();
+    assert_eq!(messages, ["retried by ada", "not ready in time", "deploying 2 replicas"]);
+}
+
+async fn set_ready_replicas_writes_only_changes(db: &TestDatabase) {
+    let (project, model, cluster) = deployment_target(db).await;
+    let endpoint = endpoint_record(project.id, model.id, cluster.id, "chat");
+    new_endpoint(db, &endpoint).await;
+
+    let writes = db.writes();
+    assert!(!db.set_ready_replicas(endpoint.id, 0).await.unwrap());
+    assert!(!db.set_ready_replicas(EndpointId::new(), 3).await.unwrap());
+    assert_eq!(db.writes(), writes, "nothing new, nothing written");
+    assert!(db.set_ready_replicas(endpoint.id, 2).await.unwrap());
+    assert_eq!(db.writes(), writes + 1);
+    let seen = db.endpoint(endpoint.id).await.unwrap().unwrap();
+    assert_eq!(seen.ready_replicas, 2);
+    assert_eq!(seen.updated_at, endpoint.updated_at, "an observation is not an update");
+    assert!(!db.set_ready_replicas(endpoint.id, 2).await.unwrap());
+    assert_eq!(db.writes(), writes + 1);
+    assert!(db.set_ready_replicas(endpoint.id, 1).await.unwrap());
+    assert_eq!(db.endpoint(endpoint.id).await.unwrap().unwrap().ready_replicas, 1);
+    assert_eq!(db.writes(), writes + 2);
+}
+
+async fn endpoint_events_are_listed_newest_first(db: &TestDatabase) {
+    let (project, model, cluster) = deployment_target(db).await;
+    let endpoint = endpoint_record(project.id, model.id, cluster.id, "chat");
+    new_endpoint(db, &endpoint).await;
+    let mut added = Vec::new();
+    for (i, kind) in ["warning", "info", "warning"].into_iter().enumerate() {
+        let e = EndpointEvent {
+            id: uuid::Uuid::now_v7().to_string(),
+            endpoint_id: endpoint.id,
+            at: ts(4_000_000_000_000 + i as i64),
+            kind: kind.to_owned(),
+            message: format!("event {i}"),
+        };
+        db.add_endpoint_event(&e).await.unwrap();
+        added.push(e);
+    }
+    // Two events in the same millisecond keep the order they were added in.
+    let tie = EndpointEvent {
+        id: uuid::Uuid::now_v7().to_string(),
+        message: "event 3".to_owned(),
+        ..added[2].clone()
+    };
+    db.add_endpoint_event(&tie).await.unwrap();
+    added.push(tie);
+    added.reverse();
+    assert_eq!(db.endpoint_events(endpoint.id, 4).await.unwrap(), added);
+    assert_eq!(db.endpoint_events(endpoint.id, 10).await.unwrap().len(), 5);
+    assert_eq!(db.endpoint_events(endpoint.id, 10).await.unwrap()[4].message, "created");
+
+    let stray = EndpointEvent { endpoint_id: EndpointId::new(), ..added[0].clone() };
+    let stray = EndpointEvent { id: uuid::Uuid::now_v7().to_string(), ..stray };
+    assert_reference(db.add_endpoint_event(&stray).await, "the endpoint does not exist");
+}
+
+async fn leases_have_one_holder_at_a_time(db: &TestDatabase) {
+    const LEASE: &str = "cluster:gpu-east";
+    let ttl = Duration::from_secs(10);
+    let t = |s: i64| ts(1_900_000_000_000 + s * 1000);
+    assert_eq!(db.lease_holder(LEASE, t(0)).await.unwrap(), None);
+
+    assert!(db.try_acquire_lease(LEASE, "replica-a", t(0), ttl).await.unwrap());
+    assert_eq!(db.lease_holder(LEASE, t(0)).await.unwrap().as_deref(), Some("replica-a"));
+    assert!(!db.try_acquire_lease(LEASE, "replica-b", t(5), ttl).await.unwrap());
+    assert_eq!(db.lease_holder(LEASE, t(5)).await.unwrap().as_deref(), Some("replica-a"));
+    // Other names are independent.
+    assert!(db.try_acquire_lease("cluster:gpu-west", "replica-b", t(5), ttl).await.unwrap());
+
+    // The owner renews: the lease now runs to t(15).
+    assert!(db.try_acquire_lease(LEASE, "replica-a", t(5), ttl).await.unwrap());
+    assert!(!db.try_acquire_lease(LEASE, "replica-b", t(12), ttl).await.unwrap());
+    assert_eq!(db.lease_holder(LEASE, t(14)).await.unwrap().as_deref(), Some("replica-a"));
+    // Expired: free for anyone.
+    assert_eq!(db.lease_holder(LEASE, t(15)).await.unwrap(), None);
+    assert!(db.try_acquire_lease(LEASE, "replica-b", t(15), ttl).await.unwrap());
+    assert_eq!(db.lease_holder(LEASE, t(16)).await.unwrap().as_deref(), Some("replica-b"));
+    assert!(!db.try_acquire_lease(LEASE, "replica-a", t(16), ttl).await.unwrap());
+
+    // Only the holder releases.
+    db.release_lease(LEASE, "replica-a").await.unwrap();
+    assert_eq!(db.lease_holder(LEASE, t(16)).await.unwrap().as_deref(), Some("replica-b"));
+    db.release_lease(LEASE, "replica-b").await.unwrap();
+    assert_eq!(db.lease_holder(LEASE, t(16)).await.unwrap(), None);
+    assert!(db.try_acquire_lease(LEASE, "replica-a", t(16), ttl).await.unwrap());
+    assert_eq!(
+        db.lease_holder("cluster:gpu-west", t(6)).await.unwrap().as_deref(),
+        Some("replica-b")
+    );
+}
+
+async fn concurrent_acquirers_of_a_lease_one_wins(db: &TestDatabase) {
+    for round in 0..3 {
+        let lease = format!("cluster:{round}");
+        let at = now();
+        let wins = futures_join_all((0..8).map(|i| {
+            let store = db.store().clone();
+            let lease = lease.clone();
+            tokio::spawn(async move {
+                let holder = format!("replica-{i}");
+                let won = store
+                    .try_acquire_lease(&lease, &holder, at, Duration::from_secs(30))
+                    .await
+                    .unwrap();
+                won.then_some(holder)
+            })
+        }))
+        .await;
+        let winners: Vec<String> = wins.into_iter().flatten().collect();
+        assert_eq!(winners.len(), 1, "round {round}: {winners:?}");
+        assert_eq!(db.lease_holder(&lease, at).await.unwrap().as_ref(), winners.first());
+    }
+}
+
+async fn sealed_kubeconfigs_are_listed_and_resealable(db: &TestDatabase) {
+    let provider = Provider {
+        id: ProviderId::new(),
+        name: name("openai"),
+        base_url: "https://api.openai.com/v1".to_owned(),
+        api_key_ciphertext: "sealed-api-key".to_owned(),
+        created_by: None,
+        created_at: now(),
+        updated_at: now(),
+    };
+    db.create_provider(&provider, &event("provider.create", "provider", provider.id))
+        .await
+        .unwrap();
+    let local = cluster_record("local", ClusterKind::Local);
+    db.create_cluster(&local, &event("cluster.create", "cluster", local.id)).await.unwrap();
+    let remote = new_cluster(db, "gpu-east").await;
+
+    let secrets = db.sealed_secrets().await.unwrap();
+    let kinds: Vec<_> = secrets.iter().map(|s| s.kind).collect();
+    assert_eq!(kinds, [SealedKind::ProviderApiKey, SealedKind::Kubeconfig], "local has none");
+    let kubeconfig = secrets[1].clone();
+    assert_eq!(kubeconfig.id, remote.id.to_string());
+    assert_eq!(kubeconfig.ciphertext, remote.kubeconfig_ciphertext);
+
+    let writes = db.writes();
+    assert!(db.reseal(&kubeconfig, "resealed").await.unwrap());
+    assert_eq!(db.writes(), writes + 1);
+    assert_eq!(db.cluster(remote.id).await.unwrap().unwrap().kubeconfig_ciphertext, "resealed");
+    // A ciphertext that changed since it was read is left alone.
+    assert!(!db.reseal(&kubeconfig, "resealed-again").await.unwrap());
+    let fresh = db.sealed_secrets().await.unwrap().remove(1);
+    let audit = event("cluster.kubeconfig", "cluster", remote.id);
+    db.set_cluster_kubeconfig(remote.id, "replaced", now(), &audit).await.unwrap().unwrap();
+    assert!(!db.reseal(&fresh, "stale").await.unwrap());
+    assert_eq!(db.cluster(remote.id).await.unwrap().unwrap().kubeconfig_ciphertext, "replaced");
+}
+
+/// What budcluster's reconciler reads on every pass, when nothing changed, leaves the writes
+/// counter where it was: an idle control plane does not write to its database.
+async fn a_reconcile_pass_that_changes_nothing_writes_nothing(db: &TestDatabase) {
+    let (project, model, cluster) = deployment_target(db).await;
+    let other = new_cluster(db, "gpu-west").await;
+    let mut ids = Vec::new();
+    for (i, on) in [cluster.id, cluster.id, other.id].into_iter().enumerate() {
+        let endpoint = endpoint_record(project.id, model.id, on, &format!("e{i}"));
+        new_endpoint(db, &endpoint).await;
+        ids.push(endpoint.id);
+    }
+    assert!(db.set_ready_replicas(ids[0], 2).await.unwrap());
+
+    // Writes are counted per statement: an audited creation is its insert, its event and
+    // the three statements that chain the audit record.
+    let before = db.writes();
+    let late = endpoint_record(project.id, model.id, other.id, "late");
+    new_endpoint(db, &late).await;
+    assert_eq!(db.writes(), before + 5);
+
+    let writes = db.writes();
+    for _ in 0..3 {
+        for cluster in db.all_clusters().await.unwrap() {
+            db.lease_holder(&format!("cluster:{}", cluster.id), now()).await.unwrap();
+            db.count_endpoints_on_cluster(cluster.id).await.unwrap();
+            db.cluster_events(cluster.id, 10).await.unwrap();
+            for endpoint in db.endpoints_on_cluster(cluster.id).await.unwrap() {
+                db.endpoint(endpoint.id).await.unwrap();
+                db.endpoint_events(endpoint.id, 10).await.unwrap();
+                let ready = endpoint.ready_replicas;
+                assert!(!db.set_ready_replicas(endpoint.id, ready).await.unwrap());
+            }
+        }
+        db.list_endpoints(None, None, None, limit(50)).await.unwrap();
+        db.list_clusters(None, limit(50)).await.unwrap();
+        db.sealed_secrets().await.unwrap();
+    }
+    assert_eq!(db.writes(), writes, "reads never count");
+
+    // A lease renewal is a write, counted once.
+    assert!(db.try_acquire_lease("cluster:x", "me", now(), Duration::from_secs(5)).await.unwrap());
+    assert_eq!(db.writes(), writes + 1);
+    // Clones share the counter.
+    let clone = db.store().clone();
+    assert!(clone.set_ready_replicas(ids[1], 1).await.unwrap());
+    assert_eq!(db.writes(), writes + 2);
 }
