@@ -3,6 +3,8 @@
 
 pub mod audit;
 pub mod auth;
+pub mod clusters;
+pub mod endpoints;
 pub mod keys;
 pub mod models;
 pub mod projects;
@@ -31,7 +33,7 @@ use bud_telemetry::request_context;
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "budapp", description = "Bud's control-plane API: identity, users, projects, RBAC, models, providers, API keys, audit."),
+    info(title = "budapp", description = "Bud's control-plane API: identity, users, projects, RBAC, models, providers, API keys, clusters, endpoints, audit."),
     modifiers(&BearerScheme),
 )]
 struct ApiDoc;
@@ -76,6 +78,21 @@ pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(models::get_model, models::update_model, models::delete_model))
         .routes(routes!(models::list_providers, models::create_provider))
         .routes(routes!(models::get_provider, models::update_provider, models::delete_provider))
+        .routes(routes!(clusters::list_clusters, clusters::create_cluster))
+        .routes(routes!(clusters::get_cluster, clusters::delete_cluster))
+        .routes(routes!(clusters::refresh_cluster))
+        .routes(routes!(clusters::update_kubeconfig))
+        .routes(routes!(endpoints::list_endpoints, endpoints::create_endpoint))
+        .routes(routes!(
+            endpoints::get_endpoint,
+            endpoints::update_endpoint,
+            endpoints::delete_endpoint
+        ))
+        .routes(routes!(endpoints::stop_endpoint))
+        .routes(routes!(endpoints::start_endpoint))
+        .routes(routes!(endpoints::retry_endpoint))
+        .routes(routes!(endpoints::endpoint_logs))
+        .routes(routes!(endpoints::endpoint_metrics))
         .routes(routes!(audit::list_audit))
         .routes(routes!(audit::verify_audit))
         .split_for_parts()

@@ -20,6 +20,8 @@ pub struct AppConfig {
     /// Login attempts allowed per client address per minute.
     pub login_per_address_per_minute: u32,
     pub providers: ProviderPolicy,
+    /// Accept kubeconfigs whose users run commands on this host (`exec`, `auth-provider`).
+    pub allow_exec_kubeconfig: bool,
 }
 
 /// Who issues the tokens budapp accepts.
@@ -61,6 +63,7 @@ impl Default for AppConfig {
             login_per_account_per_minute: 10,
             login_per_address_per_minute: 30,
             providers: ProviderPolicy::default(),
+            allow_exec_kubeconfig: false,
         }
     }
 }

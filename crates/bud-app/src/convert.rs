@@ -1,9 +1,13 @@
 //! Store records to wire DTOs, at the edge.
 
 use bud_protocol::control::{
-    ApiKeyDto, AuditRecordDto, GrantDto, MemberDto, ModelDto, ProjectDto, ProviderDto, UserDto,
+    ApiKeyDto, AuditRecordDto, ClusterDto, ClusterEventDto, EndpointDto, EndpointEventDto,
+    GrantDto, InventoryDto, MemberDto, ModelDto, ProjectDto, ProviderDto, UserDto,
 };
-use bud_store::{ApiKey, AuditRecord, GrantRecord, Member, Model, Project, Provider, User};
+use bud_store::{
+    ApiKey, AuditRecord, Cluster, ClusterEvent, Endpoint, EndpointEvent, GrantRecord, Member,
+    Model, Project, Provider, User,
+};
 use chrono::Utc;
 
 pub fn user(u: User) -> UserDto {
@@ -112,5 +116,61 @@ pub fn audit(r: AuditRecord) -> AuditRecordDto {
         request_id: e.request_id,
         prev_hash: r.prev_hash,
         hash: r.hash,
+    }
+}
+
+pub fn cluster(c: Cluster, events: Vec<ClusterEvent>) -> ClusterDto {
+    ClusterDto {
+        id: c.id.as_uuid(),
+        name: c.name.to_string(),
+        kind: c.kind.as_str().to_owned(),
+        status: c.status.to_string(),
+        reason: c.reason,
+        namespace: c.namespace,
+        last_checked_at: c.last_checked_at,
+        consecutive_failures: c.consecutive_failures,
+        inventory: c.inventory.map(|i| InventoryDto {
+            nodes: i.nodes,
+            gpus_total: i.gpus_total,
+            gpus_allocatable: i.gpus_allocatable,
+            device_plugin_running: i.device_plugin_running,
+        }),
+        events: events
+            .into_iter()
+            .map(|e| ClusterEventDto {
+                at: e.at,
+                from_status: e.from_status.map(|s| s.to_string()),
+                to_status: e.to_status.to_string(),
+                reason: e.reason,
+            })
+            .collect(),
+        created_at: c.created_at,
+        updated_at: c.updated_at,
+    }
+}
+
+pub fn endpoint(e: Endpoint, events: Vec<EndpointEvent>) -> EndpointDto {
+    EndpointDto {
+        id: e.id.as_uuid(),
+        project_id: e.project_id.as_uuid(),
+        model_id: e.model_id.as_uuid(),
+        cluster_id: e.cluster_id.as_uuid(),
+        name: e.name.to_string(),
+        status: e.status.to_string(),
+        reason: e.reason.map(|r| r.to_string()),
+        reason_detail: e.reason_detail,
+        replicas_desired: e.replicas,
+        replicas_ready: e.ready_replicas,
+        min_replicas: e.min_replicas,
+        gpus_per_replica: e.gpus_per_replica,
+        engine_args: e.engine_args,
+        deployment_timeout_secs: e.deployment_timeout_secs,
+        status_since: e.status_since,
+        events: events
+            .into_iter()
+            .map(|v| EndpointEventDto { at: v.at, kind: v.kind, message: v.message })
+            .collect(),
+        created_at: e.created_at,
+        updated_at: e.updated_at,
     }
 }

@@ -13,6 +13,11 @@ pub fn provider_aad(id: impl std::fmt::Display) -> String {
     format!("provider:{id}")
 }
 
+/// Associated data of a cluster's kubeconfig (the same string budcluster opens it with).
+pub fn kubeconfig_aad(id: impl std::fmt::Display) -> String {
+    format!("kubeconfig:{id}")
+}
+
 /// Associated data of the built-in issuer's private key.
 pub fn signing_key_aad(kid: &str) -> String {
     format!("signing-key:{kid}")
@@ -22,6 +27,7 @@ fn aad(secret: &SealedSecret) -> String {
     match secret.kind {
         SealedKind::ProviderApiKey => provider_aad(&secret.id),
         SealedKind::SigningKey => signing_key_aad(&secret.id),
+        SealedKind::Kubeconfig => kubeconfig_aad(&secret.id),
     }
 }
 

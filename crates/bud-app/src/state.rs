@@ -7,6 +7,7 @@ use std::sync::{Arc, RwLock};
 use anyhow::Context;
 use bud_auth::jwt::{self, Issuer, KeySource, TokenVerifier, VerifierConfig};
 use bud_auth::secrets::Keyring;
+use bud_cluster::ClusterClient;
 use bud_store::{SigningKey, Store};
 use metrics_exporter_prometheus::PrometheusHandle;
 
@@ -29,6 +30,8 @@ pub struct Inner {
     pub public_jwks: Option<serde_json::Value>,
     pub login_limiter: LoginLimiter,
     pub metrics: PrometheusHandle,
+    /// How to reach budcluster; absent when this process serves budapp without it.
+    pub clusters: Option<ClusterClient>,
 }
 
 impl Deref for AppState {
@@ -42,6 +45,16 @@ impl AppState {
     /// Prepares identity: with the built-in issuer, loads its signing key from the store (or
     /// generates and stores one, encrypted, on first start).
     pub async fn build(config: AppConfig, store: Store, keyring: Keyring) -> anyhow::Result<Self> {
+        Self::build_with(config, store, keyring, None).await
+    }
+
+    /// As [`AppState::build`], reaching budcluster through `clusters`.
+    pub async fn build_with(
+        config: AppConfig,
+        store: Store,
+        keyring: Keyring,
+        clusters: Option<ClusterClient>,
+    ) -> anyhow::Result<Self> {
         let issuer_url = match &config.identity {
             IdentityMode::Builtin => config.public_url.clone(),
             IdentityMode::Oidc(oidc) => oidc.issuer.clone(),
@@ -88,7 +101,24 @@ impl AppState {
             public_jwks,
             login_limiter,
             metrics: metrics_handle(),
+            clusters,
         })))
+    }
+
+    /// Asks budcluster to reconcile now; it does so on its interval anyway.
+    pub async fn wake_clusters(&self) {
+        if let Some(c) = &self.clusters {
+            c.wake().await;
+        }
+    }
+
+    /// budcluster, for what only it can answer (logs, engine metrics).
+    pub fn clusters(&self) -> Result<&ClusterClient, crate::error::ApiError> {
+        self.clusters.as_ref().ok_or_else(|| {
+            crate::error::ApiError::Unavailable(
+                "budcluster is not configured for this budapp (clusters.url)".into(),
+            )
+        })
     }
 }
 

@@ -329,3 +329,163 @@ pub struct AuditVerificationDto {
     pub first_broken_seq: Option<i64>,
     pub reason: Option<String>,
 }
+
+// ---- clusters -----------------------------------------------------------------------------------
+
+/// What a cluster has: nodes, GPUs (`nvidia.com/gpu`), whether the NVIDIA device plugin runs.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct InventoryDto {
+    pub nodes: i64,
+    pub gpus_total: i64,
+    pub gpus_allocatable: i64,
+    pub device_plugin_running: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ClusterEventDto {
+    pub at: DateTime<Utc>,
+    pub from_status: Option<String>,
+    pub to_status: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ClusterDto {
+    pub id: Uuid,
+    pub name: String,
+    /// `local` or `kubernetes`.
+    pub kind: String,
+    /// `REGISTERING`, `AVAILABLE`, `NOT_AVAILABLE`, `ERROR` or `DELETING`.
+    pub status: String,
+    /// Why the cluster is in its status (empty when available).
+    pub reason: String,
+    /// Workloads namespace (Kubernetes).
+    pub namespace: String,
+    pub last_checked_at: Option<DateTime<Utc>>,
+    pub consecutive_failures: i64,
+    pub inventory: Option<InventoryDto>,
+    /// Recent status changes, newest first (on `GET /clusters/{id}`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<ClusterEventDto>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+list!(ClusterList, ClusterDto);
+
+/// Register a Kubernetes cluster by kubeconfig (the text of the file).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateClusterRequest {
+    pub name: String,
+    pub kubeconfig: String,
+    /// Workloads namespace; `bud-workloads` by default.
+    #[serde(default)]
+    pub namespace: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateKubeconfigRequest {
+    pub kubeconfig: String,
+}
+
+// ---- endpoints -----------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct EndpointEventDto {
+    pub at: DateTime<Utc>,
+    /// `status`, `warning` or `info`.
+    pub kind: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct EndpointDto {
+    pub id: Uuid,
+    pub project_id: Uuid,
+    pub model_id: Uuid,
+    pub cluster_id: Uuid,
+    pub name: String,
+    /// `PENDING`, `DEPLOYING`, `RUNNING`, `ERROR`, `STOPPING` or `STOPPED`.
+    pub status: String,
+    /// For `ERROR`: `image_pull_failure`, `insufficient_gpus`, `volume_claim_pending`,
+    /// `crash_loop`, `start_failure`, `cluster_unreachable` or `timeout`.
+    pub reason: Option<String>,
+    /// What the cluster said, and what to do about it.
+    pub reason_detail: String,
+    pub replicas_desired: i64,
+    pub replicas_ready: i64,
+    pub min_replicas: i64,
+    pub gpus_per_replica: i64,
+    pub engine_args: Vec<String>,
+    pub deployment_timeout_secs: i64,
+    pub status_since: DateTime<Utc>,
+    /// Recent events, newest first (on `GET /endpoints/{id}`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<EndpointEventDto>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+list!(EndpointList, EndpointDto);
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateEndpointRequest {
+    pub project_id: Uuid,
+    pub model_id: Uuid,
+    /// The cluster to deploy on; the `local` cluster when absent and one exists.
+    #[serde(default)]
+    pub cluster_id: Option<Uuid>,
+    pub name: String,
+    /// 1 by default.
+    #[serde(default)]
+    pub replicas: Option<i64>,
+    #[serde(default)]
+    pub min_replicas: Option<i64>,
+    /// GPUs each replica needs: 0 for engine-sim, 1 by default for real engines.
+    #[serde(default)]
+    pub gpus_per_replica: Option<i64>,
+    /// Appended to the engine command.
+    #[serde(default)]
+    pub engine_args: Vec<String>,
+    /// Seconds to reach RUNNING before ERROR `timeout`; 600 by default.
+    #[serde(default)]
+    pub deployment_timeout_secs: Option<i64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateEndpointRequest {
+    pub replicas: Option<i64>,
+    pub min_replicas: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p95: f64,
+    pub p99: f64,
+}
+
+/// An endpoint's load, read from its engines (the guide's §4.1 "queue depth").
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct EndpointMetricsDto {
+    pub endpoint_id: Uuid,
+    /// Replicas whose metrics were read.
+    pub replicas_scraped: i64,
+    /// Requests waiting for a slot in the engines: the queue depth.
+    pub queue_depth: f64,
+    /// Requests being generated.
+    pub running: f64,
+    /// Highest KV-cache usage among replicas, 0 to 1.
+    pub gpu_cache_usage: f64,
+    pub requests_per_second: f64,
+    pub tokens_per_second: f64,
+    /// End-to-end request latency since the engines started; absent before any request.
+    pub latency_seconds: Option<Percentiles>,
+    pub time_to_first_token_seconds: Option<Percentiles>,
+    /// The interval the rates were measured over.
+    pub window_seconds: f64,
+}

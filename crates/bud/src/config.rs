@@ -24,6 +24,7 @@ pub struct Config {
     pub log: Log,
     pub providers: Providers,
     pub login: Login,
+    pub clusters: Clusters,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -95,6 +96,28 @@ pub struct Providers {
     pub allowed_hosts: Vec<String>,
 }
 
+/// budcluster: where budapp reaches it, and how it reconciles.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Clusters {
+    /// budcluster's base URL for a budapp running alone (`serve --only app`), e.g.
+    /// `http://budcluster:9082` or a Dapr invoke URL.
+    pub url: Option<String>,
+    /// Shared secret for budcluster's internal API.
+    pub token: Option<String>,
+    /// budcluster's own port (health, metrics, internal API).
+    pub port: u16,
+    pub reconcile_interval_ms: u64,
+    pub probe_interval_secs: u64,
+    pub probe_timeout_secs: u64,
+    pub max_probe_failures: u32,
+    pub allow_exec_kubeconfig: bool,
+    /// Run endpoints of the `local` cluster as processes on this machine.
+    pub local: bool,
+    /// The local engine command; `{model}`, `{source}`, `{port}`, `{endpoint}`, `{replica}` are
+    /// filled in. Default: this binary's `engine-sim --port {port} --model {model}`.
+    pub local_command: Option<String>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Login {
     pub per_account_per_minute: u32,
@@ -132,6 +155,18 @@ impl Default for Config {
             log: Log { format: "json".into(), level: "info".into() },
             providers: Providers::default(),
             login: Login { per_account_per_minute: 10, per_address_per_minute: 30 },
+            clusters: Clusters {
+                url: None,
+                token: None,
+                port: 9082,
+                reconcile_interval_ms: 2000,
+                probe_interval_secs: 10,
+                probe_timeout_secs: 5,
+                max_probe_failures: 5,
+                allow_exec_kubeconfig: false,
+                local: true,
+                local_command: None,
+            },
         }
     }
 }
@@ -211,6 +246,25 @@ impl Config {
         if self.identity.access_token_ttl_secs < 60 {
             bail!("identity.access_token_ttl_secs must be at least 60");
         }
+        if let Some(u) = &self.clusters.url {
+            url::Url::parse(u).with_context(|| format!("clusters.url `{u}` is not a URL"))?;
+        }
+        if let Some(c) = &self.clusters.local_command {
+            let argv = shlex::split(c).unwrap_or_default();
+            if argv.is_empty() || !c.contains("{port}") {
+                bail!(
+                    "clusters.local_command must be a command line that uses {{port}}, e.g. `vllm serve {{source}} --served-model-name {{model}} --port {{port}}`"
+                );
+            }
+        }
+        if self.clusters.reconcile_interval_ms < 50
+            || self.clusters.probe_interval_secs == 0
+            || self.clusters.max_probe_failures == 0
+        {
+            bail!(
+                "clusters.reconcile_interval_ms must be at least 50, clusters.probe_interval_secs and clusters.max_probe_failures at least 1"
+            );
+        }
         if let Some(u) = &self.server.public_url {
             url::Url::parse(u).with_context(|| format!("server.public_url `{u}` is not a URL"))?;
         }
@@ -267,6 +321,44 @@ impl Config {
                 allow_private_networks: self.providers.allow_private_networks,
                 allowed_hosts: self.providers.allowed_hosts.clone(),
             },
+            allow_exec_kubeconfig: self.clusters.allow_exec_kubeconfig,
+        })
+    }
+
+    /// budcluster's settings; `bud` is this binary, for the default local engine command.
+    pub fn cluster_config(&self, bud: &Path) -> anyhow::Result<bud_cluster::ClusterConfig> {
+        let c = &self.clusters;
+        let local = if c.local {
+            let command = match &c.local_command {
+                Some(line) => shlex::split(line)
+                    .context("clusters.local_command is not a valid command line")?,
+                None => vec![
+                    bud.display().to_string(),
+                    "engine-sim".into(),
+                    "--port".into(),
+                    "{port}".into(),
+                    "--model".into(),
+                    "{model}".into(),
+                ],
+            };
+            let gpus =
+                std::fs::read_dir("/proc/driver/nvidia/gpus").map(|d| d.count()).unwrap_or(0);
+            Some(bud_cluster::driver::local::LocalConfig::new(
+                command,
+                self.data.dir.join("local"),
+                u32::try_from(gpus).unwrap_or(0),
+            ))
+        } else {
+            None
+        };
+        Ok(bud_cluster::ClusterConfig {
+            reconcile_interval: Duration::from_millis(c.reconcile_interval_ms),
+            probe_interval: Duration::from_secs(c.probe_interval_secs),
+            probe_timeout: Duration::from_secs(c.probe_timeout_secs),
+            max_probe_failures: c.max_probe_failures,
+            local,
+            allow_exec_kubeconfig: c.allow_exec_kubeconfig,
+            ..bud_cluster::ClusterConfig::default()
         })
     }
 }

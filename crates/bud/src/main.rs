@@ -27,6 +27,18 @@ enum Command {
         /// A bud.toml; `BUD_*` environment variables override it.
         #[arg(long, short)]
         config: Option<PathBuf>,
+        /// Run one service only (production: each on its own replicas).
+        #[arg(long, value_enum)]
+        only: Option<serve::Only>,
+    },
+    /// A simulated vLLM-compatible engine, for development, demos, tests and benchmarks.
+    EngineSim {
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long)]
+        port: u16,
+        #[command(flatten)]
+        sim: bud_engine_sim::SimConfig,
     },
     /// Apply database migrations and exit.
     Migrate {
@@ -69,7 +81,8 @@ fn main() -> ExitCode {
     let env: Vec<(String, String)> = std::env::vars().collect();
     let result = runtime.block_on(async move {
         match args.command {
-            Command::Serve { config } => serve::serve(config.as_deref(), &env).await,
+            Command::Serve { config, only } => serve::serve(config.as_deref(), &env, only).await,
+            Command::EngineSim { host, port, sim } => serve::engine_sim(&host, port, sim).await,
             Command::Migrate { config } => serve::migrate(config.as_deref(), &env).await,
             Command::Openapi => {
                 println!("{}", serde_json::to_string_pretty(&bud_app::api::openapi())?);

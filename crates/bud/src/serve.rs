@@ -12,48 +12,159 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 
-pub async fn serve(file: Option<&Path>, env: &[(String, String)]) -> anyhow::Result<()> {
+/// Which services `bud serve` runs in this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Only {
+    /// budapp alone; budcluster is reached at clusters.url.
+    App,
+    /// budcluster alone: the reconciler, the drivers and its internal API.
+    Cluster,
+}
+
+pub async fn serve(
+    file: Option<&Path>,
+    env: &[(String, String)],
+    only: Option<Only>,
+) -> anyhow::Result<()> {
     let config = Config::load(file, env)?;
     init_logging(&config)?;
     let store = open_store(&config).await?;
     let keyring = load_keyring(&config)?;
-    let state = bud_app::AppState::build(config.app_config()?, store.clone(), keyring).await?;
+    let shutdown = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
 
-    if matches!(state.config.identity, bud_app::IdentityMode::Builtin) {
-        let email = bud_domain::Email::parse("admin.email", &config.admin.email)?;
-        if let Some(password) =
-            bud_app::identity::ensure_first_admin(&state, &email, config.admin.password.clone())
-                .await?
-        {
-            // Shown once, on the terminal only: the store keeps its hash.
-            eprintln!(
-                "\n  First admin account created\n    email:    {email}\n    password: {password}\n  This password is shown only now; keep it somewhere safe.\n"
-            );
+    let cluster_client = if only == Some(Only::App) {
+        match &config.clusters.url {
+            Some(url) => {
+                Some(bud_cluster::ClusterClient::http(url, config.clusters.token.clone())?)
+            }
+            None => {
+                tracing::warn!(
+                    "clusters.url is not set: endpoint logs and metrics are unavailable"
+                );
+                None
+            }
         }
+    } else {
+        let bud =
+            std::env::current_exe().context("finding this program for the local engine command")?;
+        let service = bud_cluster::ClusterService::start(
+            store.clone(),
+            keyring.clone(),
+            config.cluster_config(&bud)?,
+        )
+        .await
+        .context("starting budcluster")?;
+        let address = format!("{}:{}", config.server.host, config.clusters.port);
+        let listener = TcpListener::bind(&address)
+            .await
+            .with_context(|| format!("binding budcluster to {address} (clusters.port)"))?;
+        tracing::info!(address = %listener.local_addr()?, "budcluster listening");
+        let router =
+            bud_cluster::api::router(service.clone(), store.clone(), config.clusters.token.clone());
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+                .context("budcluster server failed")
+        });
+        let stop = shutdown.clone();
+        let runner = service.clone();
+        tasks.spawn(async move {
+            runner.run(stop).await;
+            Ok(())
+        });
+        Some(bud_cluster::ClusterClient::InProcess(service))
+    };
+
+    if only != Some(Only::Cluster) {
+        let state = bud_app::AppState::build_with(
+            config.app_config()?,
+            store.clone(),
+            keyring,
+            cluster_client,
+        )
+        .await?;
+        if matches!(state.config.identity, bud_app::IdentityMode::Builtin) {
+            let email = bud_domain::Email::parse("admin.email", &config.admin.email)?;
+            if let Some(password) =
+                bud_app::identity::ensure_first_admin(&state, &email, config.admin.password.clone())
+                    .await?
+            {
+                // Shown once, on the terminal only: the store keeps its hash.
+                eprintln!(
+                    "\n  First admin account created\n    email:    {email}\n    password: {password}\n  This password is shown only now; keep it somewhere safe.\n"
+                );
+            }
+        }
+        let address = format!("{}:{}", config.server.host, config.server.app_port);
+        let listener = TcpListener::bind(&address).await.with_context(|| {
+            format!("binding budapp to {address} (server.host, server.app_port)")
+        })?;
+        tracing::info!(address = %listener.local_addr()?, public_url = %config.public_url(), "budapp listening");
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            bud_app::run(listener, state, stop).await.context("budapp server failed")
+        });
     }
 
-    let address = format!("{}:{}", config.server.host, config.server.app_port);
-    let listener = TcpListener::bind(&address)
-        .await
-        .with_context(|| format!("binding budapp to {address} (server.host, server.app_port)"))?;
-    tracing::info!(address = %listener.local_addr()?, public_url = %config.public_url(), "budapp listening");
-
-    let shutdown = CancellationToken::new();
-    let server = tokio::spawn(bud_app::run(listener, state, shutdown.clone()));
-    wait_for_signal().await;
+    tokio::select! {
+        () = wait_for_signal() => {}
+        Some(done) = tasks.join_next() => {
+            // A service stopped on its own: that is a failure; stop the others.
+            shutdown.cancel();
+            done.context("service task failed")??;
+        }
+    }
     tracing::info!("shutting down: no new connections; finishing requests in flight");
     shutdown.cancel();
     let grace = Duration::from_secs(config.server.shutdown_grace_secs);
-    match tokio::time::timeout(grace, server).await {
-        Ok(joined) => joined.context("budapp task failed")?.context("budapp server failed")?,
-        Err(_) => tracing::warn!(
-            grace_secs = grace.as_secs(),
-            "requests still in flight after the grace period; stopping"
-        ),
+    let drained = tokio::time::timeout(grace, async {
+        while let Some(done) = tasks.join_next().await {
+            match done {
+                Ok(Err(e)) => {
+                    tracing::error!(error = format!("{e:#}"), "service stopped with an error")
+                }
+                Err(e) => tracing::error!(error = %e, "service task failed"),
+                Ok(Ok(())) => {}
+            }
+        }
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(grace_secs = grace.as_secs(), "still busy after the grace period; stopping");
     }
     store.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// `bud engine-sim`: the simulated engine on `host:port` until SIGTERM or Ctrl-C.
+pub async fn engine_sim(
+    host: &str,
+    port: u16,
+    config: bud_engine_sim::SimConfig,
+) -> anyhow::Result<()> {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    // Replicas of the local driver write to log files: colour codes only on a terminal.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .try_init();
+    let listener = TcpListener::bind((host, port))
+        .await
+        .with_context(|| format!("binding engine-sim to {host}:{port}"))?;
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        stop.cancel();
+    });
+    bud_engine_sim::run(config, listener, shutdown).await.context("engine-sim stopped")
 }
 
 pub async fn migrate(file: Option<&Path>, env: &[(String, String)]) -> anyhow::Result<()> {

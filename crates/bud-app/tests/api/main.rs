@@ -5,6 +5,7 @@
 mod authz;
 mod identity;
 mod newcomer;
+mod oidc;
 mod outage;
 mod resources;
 mod secrets;

@@ -10,12 +10,19 @@ use crate::both_backends;
 use crate::support::TestApp;
 
 async fn master_key_rotation_reseals_every_secret(app: &TestApp) {
-    let r = app.post("/providers", &app.admin_token, json!({"name": "p", "base_url": "https://8.8.8.8/v1", "api_key": "sk-1"})).await;
+    let r = app
+        .post(
+            "/providers",
+            &app.admin_token,
+            json!({"name": "p", "base_url": "https://8.8.8.8/v1", "api_key": "sk-1"}),
+        )
+        .await;
     assert_eq!(r.status, StatusCode::CREATED);
 
     // The new key is active; the old one is still listed so existing secrets open.
     let new_key = secrets::generate_key();
-    let both = Keyring::new("k2", vec![("k2".into(), new_key), ("test".into(), app.master_key)]).unwrap();
+    let both =
+        Keyring::new("k2", vec![("k2".into(), new_key), ("test".into(), app.master_key)]).unwrap();
     let report = bud_app::secrets::rotate(&app.state.store, &both).await.unwrap();
     assert_eq!(report.resealed, 2, "the provider key and the signing key");
     let again = bud_app::secrets::rotate(&app.state.store, &both).await.unwrap();
@@ -27,6 +34,7 @@ async fn master_key_rotation_reseals_every_secret(app: &TestApp) {
         let aad = match s.kind {
             SealedKind::ProviderApiKey => bud_app::secrets::provider_aad(&s.id),
             SealedKind::SigningKey => bud_app::secrets::signing_key_aad(&s.id),
+            SealedKind::Kubeconfig => bud_app::secrets::kubeconfig_aad(&s.id),
         };
         only_new.decrypt(&s.ciphertext, aad.as_bytes()).unwrap();
     }

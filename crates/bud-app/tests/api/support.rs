@@ -113,8 +113,16 @@ impl TestApp {
         let shutdown = CancellationToken::new();
         let server = tokio::spawn(bud_app::run(listener, state.clone(), shutdown.clone()));
         let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
-        let mut app =
-            TestApp { url, master_key, state, http, admin_token: String::new(), shutdown, server, db };
+        let mut app = TestApp {
+            url,
+            master_key,
+            state,
+            http,
+            admin_token: String::new(),
+            shutdown,
+            server,
+            db,
+        };
         if builtin {
             app.admin_token = app.login(ADMIN_EMAIL, ADMIN_PASSWORD).await;
         }

@@ -1,0 +1,86 @@
+//! The driver of each cluster: the one local driver for `local` clusters, and a Kubernetes
+//! client per registered kubeconfig, built on first use and rebuilt when the kubeconfig changes.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use bud_auth::secrets::Keyring;
+use bud_domain::ClusterId;
+use bud_store::{Cluster, ClusterKind};
+use tokio::sync::Mutex;
+
+use crate::driver::Driver;
+
+pub(crate) struct Drivers {
+    local: Option<Arc<Driver>>,
+    keyring: Keyring,
+    /// Kubernetes drivers by cluster, with the ciphertext they were built from.
+    kubernetes: Mutex<HashMap<ClusterId, (String, Arc<Driver>)>>,
+    allow_exec_kubeconfig: bool,
+}
+
+/// Associated data of a cluster's kubeconfig ciphertext; budapp seals with the same string.
+pub fn kubeconfig_aad(id: ClusterId) -> String {
+    format!("kubeconfig:{id}")
+}
+
+impl Drivers {
+    pub fn new(local: Option<Driver>, keyring: Keyring, allow_exec_kubeconfig: bool) -> Self {
+        Self {
+            local: local.map(Arc::new),
+            keyring,
+            kubernetes: Mutex::new(HashMap::new()),
+            allow_exec_kubeconfig,
+        }
+    }
+
+    /// The driver for `cluster`, or `None` when it cannot be built (no local driver in this
+    /// process, a kubeconfig that no longer opens or parses); the prober reports why.
+    pub async fn driver(&self, cluster: &Cluster) -> Option<Arc<Driver>> {
+        match cluster.kind {
+            ClusterKind::Local => self.local.clone(),
+            ClusterKind::Kubernetes => {
+                let mut cache = self.kubernetes.lock().await;
+                if let Some((ciphertext, driver)) = cache.get(&cluster.id)
+                    && *ciphertext == cluster.kubeconfig_ciphertext
+                {
+                    return Some(driver.clone());
+                }
+                let driver = Arc::new(self.build_kubernetes(cluster).await?);
+                cache.insert(cluster.id, (cluster.kubeconfig_ciphertext.clone(), driver.clone()));
+                Some(driver)
+            }
+        }
+    }
+
+    async fn build_kubernetes(&self, cluster: &Cluster) -> Option<Driver> {
+        let yaml = self
+            .keyring
+            .decrypt(&cluster.kubeconfig_ciphertext, kubeconfig_aad(cluster.id).as_bytes())
+            .map_err(|e| tracing::warn!(cluster_id = %cluster.id, error = %e, "cannot open the kubeconfig"))
+            .ok()?;
+        let yaml = String::from_utf8(yaml).ok()?;
+        crate::driver::kubernetes::KubernetesDriver::new(
+            &yaml,
+            &cluster.namespace,
+            self.allow_exec_kubeconfig,
+        )
+        .await
+        .map(Driver::Kubernetes)
+        .map_err(
+            |e| tracing::warn!(cluster_id = %cluster.id, error = %e, "cannot use the kubeconfig"),
+        )
+        .ok()
+    }
+
+    pub async fn forget(&self, id: ClusterId) {
+        self.kubernetes.lock().await.remove(&id);
+    }
+
+    /// Stops what runs in this process.
+    pub async fn shutdown(&self) {
+        if let Some(local) = &self.local {
+            local.shutdown().await;
+        }
+    }
+}
