@@ -40,6 +40,8 @@ pub struct OidcSettings {
     pub jwks_uri: Option<String>,
     /// Role of a provisioned user whose token names none of Bud's roles.
     pub default_role: Role,
+    /// Least time between two key-set fetches caused by unknown key ids.
+    pub jwks_refresh_cooldown: std::time::Duration,
 }
 
 /// Which provider base URLs are acceptable (server-side request forgery guard).

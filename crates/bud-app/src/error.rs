@@ -40,9 +40,12 @@ pub enum ApiError {
     /// Too many attempts; retry after the given time.
     #[error("{message}")]
     RateLimited { message: String, retry_after: Duration },
-    /// A dependency (the database, the identity provider) is unreachable.
+    /// A dependency (the database, budcluster) is unreachable.
     #[error("{0}")]
     Unavailable(String),
+    /// A named dependency is unreachable; `code` says which (`identity_provider_unavailable`).
+    #[error("{message}")]
+    DependencyUnavailable { code: &'static str, message: String },
     /// A bug or an unexpected failure; the body says nothing more than "internal error".
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
@@ -61,6 +64,7 @@ impl ApiError {
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable"),
+            ApiError::DependencyUnavailable { code, .. } => (StatusCode::SERVICE_UNAVAILABLE, code),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
         }
     }
@@ -119,7 +123,7 @@ impl IntoResponse for ApiError {
                     response.headers_mut().insert(header::WWW_AUTHENTICATE, v);
                 }
             }
-            ApiError::Unavailable(_) => {
+            ApiError::Unavailable(_) | ApiError::DependencyUnavailable { .. } => {
                 response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
             }
             _ => {}

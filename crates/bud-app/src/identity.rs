@@ -107,7 +107,10 @@ impl FromRequestParts<AppState> for Caller {
 
 fn token_error(e: TokenError) -> ApiError {
     if let TokenError::ProviderUnavailable(why) = &e {
-        return ApiError::Unavailable(format!("the identity provider cannot be reached: {why}"));
+        return ApiError::DependencyUnavailable {
+            code: "identity_provider_unavailable",
+            message: format!("the identity provider cannot be reached: {why}"),
+        };
     }
     let message = match &e {
         TokenError::Expired => {
@@ -169,34 +172,53 @@ fn role_from_claims(claims: &VerifiedClaims) -> Option<Role> {
 }
 
 async fn provisioned_user(state: &AppState, claims: &VerifiedClaims) -> ApiResult<User> {
-    let token_role = role_from_claims(claims);
-    if let Some(user) = state.store.user_by_subject(&claims.issuer, &claims.subject).await? {
-        // The provider is the source of truth for roles it states.
-        if let Some(role) = token_role.filter(|r| *r != user.role) {
-            let patch = bud_store::UserPatch { role: Some(role), ..Default::default() };
-            let audit =
-                system_audit("user.role_sync", "user", user.id, serde_json::json!({"role": role}));
-            return Ok(state
-                .store
-                .update_user(user.id, &patch, Utc::now(), &audit)
-                .await?
-                .unwrap_or(user));
-        }
-        return Ok(user);
-    }
     let IdentityMode::Oidc(oidc) = &state.config.identity else {
         return Err(ApiError::unauthenticated("token_invalid", "unknown user"));
     };
+    // The provider is the source of truth for roles: a token naming none of Bud's roles means
+    // the default role, so taking a role away in the provider takes it away here too.
+    let wanted = role_from_claims(claims).unwrap_or(oidc.default_role);
+    if let Some(user) = state.store.user_by_subject(&claims.issuer, &claims.subject).await? {
+        if user.role == wanted {
+            return Ok(user);
+        }
+        let patch = bud_store::UserPatch { role: Some(wanted), ..Default::default() };
+        let audit = system_audit(
+            "user.role_sync",
+            "user",
+            user.id,
+            serde_json::json!({"from": user.role, "role": wanted}),
+        );
+        return Ok(state
+            .store
+            .update_user(user.id, &patch, Utc::now(), &audit)
+            .await?
+            .unwrap_or(user));
+    }
+    // Accounts are keyed by (issuer, subject). An unverified email, or one another account
+    // already uses, is replaced by an address derived from the identity.
+    let derived = || {
+        let digest = hex::encode(Sha256::digest(format!("{}|{}", claims.issuer, claims.subject)));
+        Email::parse("email", &format!("{}@external.invalid", &digest[..32]))
+    };
     let host = url::Url::parse(&claims.issuer).ok().and_then(|u| u.host_str().map(str::to_owned));
-    let email_text = claims.email.clone().unwrap_or_else(|| {
+    let claimed = match (&claims.email, claims.email_verified) {
+        (Some(email), Some(false)) => {
+            tracing::info!(subject = %claims.subject, "ignoring an unverified email claim");
+            let _ = email;
+            None
+        }
+        (Some(email), _) => Some(email.clone()),
+        (None, _) => None,
+    };
+    let email_text = claimed.unwrap_or_else(|| {
         format!("{}@{}", claims.subject, host.as_deref().unwrap_or("external.invalid"))
     });
-    let email = Email::parse("email", &email_text).or_else(|_| {
-        Email::parse(
-            "email",
-            &format!("{}@external.invalid", hex::encode(Sha256::digest(&claims.subject))),
-        )
-    })?;
+    let mut email = Email::parse("email", &email_text).or_else(|_| derived())?;
+    if state.store.user_by_email(&email).await?.is_some() {
+        tracing::warn!(subject = %claims.subject, email = %email, "email already used by another account; provisioning under a derived address");
+        email = derived()?;
+    }
     let name = Name::parse("name", claims.name.as_deref().unwrap_or(&claims.subject))
         .or_else(|_| Name::parse("name", email.as_str()))?;
     let now = Utc::now();
@@ -204,7 +226,7 @@ async fn provisioned_user(state: &AppState, claims: &VerifiedClaims) -> ApiResul
         id: UserId::new(),
         email,
         name,
-        role: token_role.unwrap_or(oidc.default_role),
+        role: wanted,
         password_hash: None,
         issuer: Some(claims.issuer.clone()),
         subject: Some(claims.subject.clone()),
@@ -228,7 +250,7 @@ async fn provisioned_user(state: &AppState, claims: &VerifiedClaims) -> ApiResul
             .store
             .user_by_subject(&claims.issuer, &claims.subject)
             .await?
-            .ok_or_else(|| ApiError::Conflict("a user with this email already exists".into())),
+            .ok_or_else(|| ApiError::Conflict("could not provision this user; retry".into())),
         Err(e) => Err(e.into()),
     }
 }

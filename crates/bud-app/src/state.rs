@@ -59,10 +59,13 @@ impl AppState {
             IdentityMode::Builtin => config.public_url.clone(),
             IdentityMode::Oidc(oidc) => oidc.issuer.clone(),
         };
-        let verifier_config = VerifierConfig {
+        let mut verifier_config = VerifierConfig {
             leeway: config.leeway,
             ..VerifierConfig::new(issuer_url, config.audience.clone())
         };
+        if let IdentityMode::Oidc(oidc) = &config.identity {
+            verifier_config.refresh_cooldown = oidc.jwks_refresh_cooldown;
+        }
         let (verifier, issuer, public_jwks) = match &config.identity {
             IdentityMode::Builtin => {
                 let key = builtin_signing_key(&store, &keyring).await?;

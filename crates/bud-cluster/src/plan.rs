@@ -82,7 +82,10 @@ fn plan_endpoint(
             ));
         }
         EndpointStatus::Deploying | EndpointStatus::Running => {
-            if let Some((reason, detail)) = seen.and_then(|s| s.failure.clone()) {
+            // A failure seen for an older spec (before a retry or restart bumped the
+            // generation) says nothing about the new one: the replicas are replaced first.
+            let current = seen.filter(|s| s.generation == e.generation);
+            if let Some((reason, detail)) = current.and_then(|s| s.failure.clone()) {
                 let message = format!("{}: {detail}", reason.remedy());
                 out.push(transition(e, EndpointStatus::Error, Some(reason), detail, now, &message));
                 return;
@@ -254,7 +257,7 @@ mod tests {
     #[test]
     fn pending_deploys() {
         let e = endpoint(EndpointStatus::Pending, 2, 0);
-        let a = plan(&[e.clone()], &HashMap::new(), UP, Utc::now());
+        let a = plan(std::slice::from_ref(&e), &HashMap::new(), UP, Utc::now());
         assert_eq!(a[0], Action::Ensure { endpoint: e.id });
         assert_eq!(statuses(&a), vec![EndpointStatus::Deploying]);
     }
@@ -262,7 +265,7 @@ mod tests {
     #[test]
     fn deploying_becomes_running_when_all_replicas_are_ready() {
         let e = endpoint(EndpointStatus::Deploying, 2, 1);
-        let a = plan(&[e.clone()], &seen(&e, 2, 2), UP, Utc::now());
+        let a = plan(std::slice::from_ref(&e), &seen(&e, 2, 2), UP, Utc::now());
         assert_eq!(statuses(&a), vec![EndpointStatus::Running]);
         assert!(a.contains(&Action::SetReady { endpoint: e.id, ready: 2 }));
         assert!(!a.contains(&Action::Ensure { endpoint: e.id }));
@@ -272,7 +275,7 @@ mod tests {
     fn deploying_times_out() {
         let mut e = endpoint(EndpointStatus::Deploying, 2, 0);
         e.status_since = Utc::now() - Duration::seconds(601);
-        let a = plan(&[e.clone()], &seen(&e, 2, 1), UP, Utc::now());
+        let a = plan(std::slice::from_ref(&e), &seen(&e, 2, 1), UP, Utc::now());
         let Some(Action::Transition { change, .. }) =
             a.iter().find(|a| matches!(a, Action::Transition { .. }))
         else {
@@ -291,7 +294,7 @@ mod tests {
         let mut o = seen(&e, 1, 0);
         o.get_mut(&e.id).unwrap().failure =
             Some((FailureReason::ImagePullFailure, "ErrImagePull: vllm:nope".into()));
-        let a = plan(&[e.clone()], &o, UP, Utc::now());
+        let a = plan(std::slice::from_ref(&e), &o, UP, Utc::now());
         let Action::Transition { change, .. } = &a[0] else { panic!("{a:?}") };
         assert_eq!(change.reason, Some(FailureReason::ImagePullFailure));
         assert!(
@@ -302,9 +305,19 @@ mod tests {
     }
 
     #[test]
+    fn a_failure_of_an_older_generation_is_not_held_against_a_retry() {
+        let mut e = endpoint(EndpointStatus::Deploying, 1, 0);
+        let mut o = seen(&e, 1, 0);
+        o.get_mut(&e.id).unwrap().failure = Some((FailureReason::StartFailure, "exit 3".into()));
+        e.generation = 2;
+        let a = plan(std::slice::from_ref(&e), &o, UP, Utc::now());
+        assert_eq!(a, vec![Action::Ensure { endpoint: e.id }]);
+    }
+
+    #[test]
     fn running_with_a_lost_replica_is_ensured_and_stays_running() {
         let e = endpoint(EndpointStatus::Running, 2, 2);
-        let a = plan(&[e.clone()], &seen(&e, 1, 1), UP, Utc::now());
+        let a = plan(std::slice::from_ref(&e), &seen(&e, 1, 1), UP, Utc::now());
         assert_eq!(
             a,
             vec![Action::Ensure { endpoint: e.id }, Action::SetReady { endpoint: e.id, ready: 1 }]
@@ -315,18 +328,24 @@ mod tests {
     fn scale_or_spec_change_is_ensured() {
         let mut e = endpoint(EndpointStatus::Running, 3, 2);
         let o = seen(&e, 2, 2);
-        assert_eq!(plan(&[e.clone()], &o, UP, Utc::now()), vec![Action::Ensure { endpoint: e.id }]);
+        assert_eq!(
+            plan(std::slice::from_ref(&e), &o, UP, Utc::now()),
+            vec![Action::Ensure { endpoint: e.id }]
+        );
         e.replicas = 2;
         e.generation = 2;
-        assert_eq!(plan(&[e.clone()], &o, UP, Utc::now()), vec![Action::Ensure { endpoint: e.id }]);
+        assert_eq!(
+            plan(std::slice::from_ref(&e), &o, UP, Utc::now()),
+            vec![Action::Ensure { endpoint: e.id }]
+        );
     }
 
     #[test]
     fn stopping_removes_then_stops() {
         let e = endpoint(EndpointStatus::Stopping, 2, 2);
-        let a = plan(&[e.clone()], &seen(&e, 2, 2), UP, Utc::now());
+        let a = plan(std::slice::from_ref(&e), &seen(&e, 2, 2), UP, Utc::now());
         assert_eq!(a, vec![Action::Remove { endpoint: e.id }]);
-        let a = plan(&[e.clone()], &HashMap::new(), UP, Utc::now());
+        let a = plan(std::slice::from_ref(&e), &HashMap::new(), UP, Utc::now());
         assert_eq!(statuses(&a), vec![EndpointStatus::Stopped]);
         assert!(a.contains(&Action::SetReady { endpoint: e.id, ready: 0 }));
     }
@@ -336,10 +355,10 @@ mod tests {
         for status in [EndpointStatus::Stopped, EndpointStatus::Error] {
             let e = endpoint(status, 2, 0);
             assert_eq!(
-                plan(&[e.clone()], &seen(&e, 1, 0), UP, Utc::now()),
+                plan(std::slice::from_ref(&e), &seen(&e, 1, 0), UP, Utc::now()),
                 vec![Action::Remove { endpoint: e.id }]
             );
-            assert!(plan(&[e.clone()], &HashMap::new(), UP, Utc::now()).is_empty());
+            assert!(plan(std::slice::from_ref(&e), &HashMap::new(), UP, Utc::now()).is_empty());
         }
     }
 
@@ -397,7 +416,7 @@ mod tests {
             if old { e.status_since = Utc::now() - Duration::seconds(3600); }
             let mut o = seen(&e, obs_replicas, obs_ready.min(obs_replicas));
             if failed { o.get_mut(&e.id).unwrap().failure = Some((FailureReason::CrashLoop, "x".into())); }
-            for a in plan(&[e.clone()], &o, UP, Utc::now()) {
+            for a in plan(std::slice::from_ref(&e), &o, UP, Utc::now()) {
                 if let Action::Transition { change, .. } = a {
                     prop_assert_eq!(change.from, e.status);
                     prop_assert!(e.status.can_become(change.to), "{} -> {}", e.status, change.to);

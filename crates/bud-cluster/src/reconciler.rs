@@ -185,7 +185,7 @@ async fn probe(
                 status,
                 reason,
                 consecutive_failures: failures,
-                inventory: cluster.inventory.clone(),
+                inventory: cluster.inventory,
                 checked_at: Utc::now(),
             };
             (record, backoff(config.probe_interval, failures))

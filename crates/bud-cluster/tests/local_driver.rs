@@ -67,7 +67,7 @@ impl Fixture {
     }
 
     fn folder(&self, id: EndpointId) -> PathBuf {
-        self.dir.path().join(id.to_string())
+        self.dir.path().join("state").join(id.to_string())
     }
 
     fn record(&self, id: EndpointId, replica: u32) -> Option<serde_json::Value> {

@@ -132,3 +132,57 @@ impl Faults {
         Ok(self)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    /// How the binary uses it: flattened beside its own `--port`.
+    #[derive(Parser)]
+    struct Cli {
+        #[arg(long)]
+        port: u16,
+        #[command(flatten)]
+        sim: SimConfig,
+    }
+
+    #[test]
+    fn flags_parse_with_vllm_like_defaults() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from(["bud", "--port", "1", "--model", "m"]).unwrap();
+        let defaults = SimConfig::new("m");
+        assert_eq!(cli.sim.max_num_seqs, defaults.max_num_seqs);
+        assert_eq!((cli.sim.ttft_ms, cli.sim.itl_ms), (20, 5));
+        assert_eq!((cli.sim.output_tokens, cli.sim.embedding_dim), (16, 384));
+        assert_eq!(cli.sim.faults, Faults::default());
+
+        let cli = Cli::try_parse_from([
+            "bud",
+            "--port=1",
+            "--model=m",
+            "--max-num-seqs=2",
+            "--error-rate=0.5",
+            "--error-status=429",
+            "--hang",
+            "--cut-stream-after=3",
+            "--crash-after=7",
+            "--fail-start",
+            "--start-delay-ms=10",
+        ])
+        .unwrap();
+        assert_eq!(cli.sim.max_num_seqs, 2);
+        assert!(cli.sim.fail_start);
+        let expected = Faults {
+            error_rate: 0.5,
+            error_status: 429,
+            hang: true,
+            cut_stream_after: Some(3),
+            crash_after: Some(7),
+        };
+        assert_eq!(cli.sim.faults, expected);
+        assert!(Cli::try_parse_from(["bud", "--port=1"]).is_err(), "--model is required");
+        assert!(Cli::try_parse_from(["bud", "--port=1", "--model=m", "--max-num-seqs=0"]).is_err());
+    }
+}

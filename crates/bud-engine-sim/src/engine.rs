@@ -2,9 +2,9 @@
 //! bytes or an event stream. It checks the model and the token budget, applies the faults,
 //! takes a batch slot, waits out the simulated latency and writes deterministic content.
 //!
-//! A request's life: `prefill` (model and budget checks, faults) → [`Scheduler::admit`] →
-//! time to first token → one token every inter-token latency → [`Running::finish`], which
-//! counts it and may trigger the crash-after fault.
+//! A request's life: model and budget checks → faults → `Scheduler::admit` (a batch slot) →
+//! time to first token → one token every inter-token latency → `Running::finish`, which counts
+//! it and may trigger the crash-after fault.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};

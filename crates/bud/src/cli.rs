@@ -6,7 +6,9 @@
 
 mod audit;
 mod catalog;
+mod clusters;
 mod credentials;
+mod endpoints;
 mod http;
 mod identity;
 mod input;
@@ -74,6 +76,20 @@ pub enum ClientCommand {
         #[command(subcommand)]
         command: catalog::ProvidersCommand,
     },
+    /// Register clusters and see their status, GPUs and history.
+    Clusters {
+        #[command(flatten)]
+        opts: ClientOpts,
+        #[command(subcommand)]
+        command: clusters::ClustersCommand,
+    },
+    /// Deploy models on clusters and run them: create, scale, stop, start, logs, metrics.
+    Endpoints {
+        #[command(flatten)]
+        opts: ClientOpts,
+        #[command(subcommand)]
+        command: endpoints::EndpointsCommand,
+    },
     /// Manage a project's API keys.
     Keys {
         #[command(flatten)]
@@ -130,6 +146,14 @@ pub async fn run(command: ClientCommand, env: &[(String, String)]) -> anyhow::Re
         ClientCommand::Providers { opts, command } => {
             let (mut api, format) = opts.session(&file)?;
             catalog::providers(command, &mut api, format).await?
+        }
+        ClientCommand::Clusters { opts, command } => {
+            let (mut api, format) = opts.session(&file)?;
+            clusters::clusters(command, &mut api, format).await?
+        }
+        ClientCommand::Endpoints { opts, command } => {
+            let (mut api, format) = opts.session(&file)?;
+            endpoints::endpoints(command, &mut api, format).await?
         }
         ClientCommand::Keys { opts, command } => {
             let (mut api, format) = opts.session(&file)?;
@@ -264,6 +288,54 @@ mod tests {
         assert!(
             parse("users create --email a@b.c --name A --role tester --password-stdin").is_ok()
         );
+    }
+
+    #[test]
+    fn endpoints_create_takes_repeated_engine_args_that_look_like_flags() {
+        let command = parse(&format!(
+            "endpoints create --project {PROJECT} --model {PROJECT} chat --replicas 2 \
+             --engine-arg --dtype --engine-arg=half --engine-arg=--max-model-len=4096 --no-wait --json"
+        ))
+        .unwrap();
+        let ClientCommand::Endpoints { opts, command } = command else { panic!("{command:?}") };
+        assert!(opts.json);
+        let endpoints::EndpointsCommand::Create {
+            name,
+            replicas,
+            cluster,
+            engine_args,
+            no_wait,
+            timeout,
+            ..
+        } = command
+        else {
+            panic!("{command:?}")
+        };
+        assert_eq!((name.as_str(), replicas, cluster, timeout), ("chat", Some(2), None, None));
+        assert_eq!(engine_args, ["--dtype", "half", "--max-model-len=4096"]);
+        assert!(no_wait);
+        assert!(
+            parse(&format!(
+                "endpoints create --project {PROJECT} --model {PROJECT} chat --replicas 0"
+            ))
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn endpoint_and_cluster_verbs_parse() {
+        assert!(parse(&format!("endpoints scale {PROJECT} --replicas 3")).is_ok());
+        assert!(parse(&format!("endpoints scale {PROJECT} --min-replicas 1")).is_ok());
+        assert!(parse(&format!("endpoints scale {PROJECT}")).is_err());
+        assert!(parse(&format!("endpoints stop {PROJECT} --no-wait")).is_ok());
+        assert!(parse(&format!("endpoints logs {PROJECT} --tail 50")).is_ok());
+        assert!(parse(&format!("endpoints logs {PROJECT} --tail 0")).is_err());
+        assert!(parse(&format!("endpoints list --project {PROJECT}")).is_ok());
+        assert!(parse("clusters add gpu-east --kubeconfig - --namespace llm").is_ok());
+        assert!(parse("clusters add gpu-east").is_err());
+        let command = parse(&format!("clusters rm {PROJECT} --force")).unwrap();
+        let ClientCommand::Clusters { command, .. } = command else { panic!("{command:?}") };
+        assert!(matches!(command, clusters::ClustersCommand::Rm { force: true, .. }));
     }
 
     #[test]

@@ -65,6 +65,8 @@ pub struct Identity {
     pub default_role: String,
     pub access_token_ttl_secs: u64,
     pub refresh_token_ttl_secs: u64,
+    /// Least time between two key-set fetches caused by unknown key ids.
+    pub jwks_refresh_cooldown_secs: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -149,6 +151,7 @@ impl Default for Config {
                 default_role: "tester".into(),
                 access_token_ttl_secs: 15 * 60,
                 refresh_token_ttl_secs: 30 * 24 * 3600,
+                jwks_refresh_cooldown_secs: 30,
             },
             admin: Admin { email: "admin@bud.local".into(), password: None },
             secrets: Secrets::default(),
@@ -171,9 +174,6 @@ impl Default for Config {
     }
 }
 
-const SECTIONS: [&str; 9] =
-    ["server", "data", "database", "identity", "admin", "secrets", "log", "providers", "login"];
-
 impl Config {
     /// Defaults, then the TOML file (if given), then `BUD_*` variables from `env`.
     pub fn load(file: Option<&Path>, env: &[(String, String)]) -> anyhow::Result<Self> {
@@ -184,13 +184,21 @@ impl Config {
             }
             figment = figment.merge(Toml::file_exact(file));
         }
+        // The sections are the top-level fields of `Config`, read off its serialised defaults.
+        let defaults =
+            serde_json::to_value(Config::default()).context("listing configuration sections")?;
+        let sections: Vec<String> =
+            defaults.as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default();
         // Only variables naming a known section are ours: BUD_TEST_* and friends are not config.
         let ours: Vec<(String, String)> = env
             .iter()
             .filter_map(|(k, v)| {
                 let rest = k.strip_prefix("BUD_")?.to_ascii_lowercase();
                 let (section, key) = rest.split_once('_')?;
-                SECTIONS.contains(&section).then(|| (format!("{section}.{key}"), v.clone()))
+                sections
+                    .iter()
+                    .any(|s| s == section)
+                    .then(|| (format!("{section}.{key}"), v.clone()))
             })
             .collect();
         for (key, value) in ours {
@@ -302,6 +310,9 @@ impl Config {
                 "oidc" => bud_app::IdentityMode::Oidc(bud_app::OidcSettings {
                     issuer: self.identity.issuer.clone().unwrap_or_default(),
                     jwks_uri: self.identity.jwks_uri.clone(),
+                    jwks_refresh_cooldown: Duration::from_secs(
+                        self.identity.jwks_refresh_cooldown_secs,
+                    ),
                     default_role: self.identity.default_role.parse().map_err(
                         |e: bud_domain::ValidationError| anyhow::anyhow!("identity.{e}"),
                     )?,

@@ -1,6 +1,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 //! The `bud` client against a real `bud serve`, as processes talking over loopback: log in,
-//! create a project, create and revoke an API key, log out.
+//! create a project, create and revoke an API key, log out; deploy engine-sim endpoints on the
+//! local cluster, follow, scale, stop and remove them, and check that no engine outlives them
+//! or the server.
 
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
@@ -24,10 +26,17 @@ struct Server {
 impl Server {
     fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = free_port();
         let log = dir.path().join("serve.log");
+        // budcluster listens too, on a port of its own so that servers of tests running side by
+        // side do not collide. It is set in a file: `BUD_CLUSTERS_*` variables are not read
+        // (`clusters` is missing from the sections `Config::load` takes from the environment).
+        let config = dir.path().join("bud.toml");
+        std::fs::write(&config, format!("[clusters]\nport = {}\n", free_port())).unwrap();
         let child = Command::new(BUD)
             .arg("serve")
+            .arg("--config")
+            .arg(&config)
             .env_clear()
             .env("BUD_DATA_DIR", dir.path().join("data"))
             .env("BUD_SERVER_APP_PORT", port.to_string())
@@ -90,13 +99,73 @@ impl Server {
         args.push("--json");
         serde_json::from_str(&self.ok(&args)).unwrap()
     }
+
+    fn login(&self) {
+        let login = ["login", "--url", &self.url, "--email", ADMIN_EMAIL, "--password-stdin"];
+        let output = self.bud(&login, &format!("{ADMIN_PASSWORD}\n"));
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    }
+
+    /// Sends SIGTERM and waits up to `within` for the server to exit; whether it did, and
+    /// with success.
+    fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("running kill");
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        None
+    }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        self.child.kill().ok();
-        self.child.wait().ok();
+        // SIGTERM first: the local driver's engines run in process groups of their own, and
+        // only a server that shuts down cleanly stops them. SIGKILL if it does not.
+        if self.child.try_wait().ok().flatten().is_none()
+            && self.terminate(Duration::from_secs(20)).is_none()
+        {
+            self.child.kill().ok();
+            self.child.wait().ok();
+        }
     }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Calls `check` every 250 ms until it gives a value, or panics after `within` naming `what`.
+fn eventually<T>(what: &str, within: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "{what} did not happen within {within:?}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// The engine processes the local driver started, from the `--- started pid P port N at T ---`
+/// lines it writes in each replica's log.
+fn started_pids(logs: &str) -> Vec<u32> {
+    logs.lines()
+        .filter_map(|l| l.strip_prefix("--- started pid ")?.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+/// Whether `pid` is a live engine-sim: a gone process has no `/proc/<pid>`, a zombie an empty
+/// command line, and a reused pid another command line.
+fn engine_alive(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .is_ok_and(|c| c.split(|b| *b == 0).any(|arg| arg == b"engine-sim"))
 }
 
 fn client(config_dir: &Path, args: &[&str], stdin: &str) -> Output {
@@ -199,4 +268,129 @@ fn an_unreachable_server_is_named() {
         String::from_utf8_lossy(&output.stderr).trim(),
         format!("error: cannot reach budapp at {url}: is `bud serve` running?")
     );
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn an_endpoint_is_deployed_on_the_local_cluster_followed_scaled_stopped_and_removed() {
+    let mut server = Server::start();
+    server.login();
+
+    // budcluster registers the local cluster and finds it available.
+    eventually("the local cluster becoming AVAILABLE", Duration::from_secs(60), || {
+        let table = server.ok(&["clusters", "list"]);
+        table
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some("local") && l.contains("AVAILABLE"))
+            .then_some(())
+    });
+    let clusters = server.json(&["clusters", "list"]);
+    let local = clusters["data"][0]["id"].as_str().unwrap().to_owned();
+    let shown = server.ok(&["clusters", "show", &local]);
+    assert!(shown.lines().any(|l| l.starts_with("STATUS") && l.ends_with("AVAILABLE")), "{shown}");
+    assert!(shown.contains("Recent events (newest first):"), "{shown}");
+
+    let project = server.json(&["projects", "create", "sims"])["id"].as_str().unwrap().to_owned();
+    let model = server.json(&[
+        "models",
+        "add",
+        "sim",
+        "--source",
+        "hf://org/sim",
+        "--engine",
+        "engine-sim",
+    ]);
+    let model = model["id"].as_str().unwrap().to_owned();
+
+    // Created, then followed until RUNNING: progress lines, then the endpoint.
+    let created = server.ok(&[
+        "endpoints",
+        "create",
+        "--project",
+        &project,
+        "--model",
+        &model,
+        "ep",
+        "--replicas",
+        "2",
+    ]);
+    assert!(created.starts_with("PENDING 0/2 replicas ready\n"), "{created}");
+    assert!(created.contains("\nRUNNING 2/2 replicas ready\n"), "{created}");
+    assert!(
+        created.lines().any(|l| l.starts_with("STATUS") && l.ends_with("RUNNING")),
+        "{created}"
+    );
+    let listed = server.json(&["endpoints", "list", "--project", &project]);
+    let endpoint = &listed["data"][0];
+    assert_eq!(
+        (endpoint["name"].as_str(), endpoint["replicas_ready"].as_i64()),
+        (Some("ep"), Some(2))
+    );
+    let id = endpoint["id"].as_str().unwrap().to_owned();
+
+    // The engines' output, one section per replica, as the server sent it.
+    let logs = server.ok(&["endpoints", "logs", &id, "--tail", "50"]);
+    assert!(logs.contains("==> replica 0 <==") && logs.contains("==> replica 1 <=="), "{logs}");
+    let mut pids = started_pids(&logs);
+    assert_eq!(pids.len(), 2, "{logs}");
+    assert!(pids.iter().all(|p| engine_alive(*p)), "{pids:?}\n{logs}");
+
+    let metrics = server.ok(&["endpoints", "metrics", &id]);
+    for field in [
+        "REPLICAS SCRAPED",
+        "QUEUE DEPTH",
+        "REQUESTS/S",
+        "TOKENS/S",
+        "LATENCY P50/P95/P99",
+        "TTFT P50/P95/P99",
+    ] {
+        assert!(metrics.lines().any(|l| l.starts_with(field)), "{field} missing:\n{metrics}");
+    }
+    assert!(
+        metrics.lines().any(|l| l.starts_with("REPLICAS SCRAPED") && l.ends_with('2')),
+        "{metrics}"
+    );
+
+    // Scaled up: a third replica becomes ready.
+    let scaled = server.json(&["endpoints", "scale", &id, "--replicas", "3"]);
+    assert_eq!(scaled["replicas_desired"], 3);
+    eventually("the third replica becoming ready", Duration::from_secs(60), || {
+        let shown = server.json(&["endpoints", "show", &id]);
+        (shown["replicas_ready"] == 3).then_some(())
+    });
+    let shown = server.ok(&["endpoints", "show", &id]);
+    assert!(shown.contains("3/3 replicas ready"), "{shown}");
+    assert!(shown.contains("Recent events (newest first):"), "{shown}");
+    // Every engine ever started for it (a scale may restart replicas), three of them live.
+    let logs = server.ok(&["endpoints", "logs", &id]);
+    assert!(logs.contains("==> replica 2 <=="), "{logs}");
+    pids = started_pids(&logs);
+    let alive = pids.iter().filter(|p| engine_alive(**p)).count();
+    assert_eq!(alive, 3, "{pids:?}\n{logs}");
+
+    // Stopped: it returns at STOPPED, when no engine is left.
+    let stopped = server.ok(&["endpoints", "stop", &id]);
+    assert!(stopped.contains("STOPPED 0/3 replicas ready"), "{stopped}");
+    let survivors: Vec<_> = pids.iter().copied().filter(|p| engine_alive(*p)).collect();
+    assert!(survivors.is_empty(), "engines left running after stop: {survivors:?}");
+
+    assert_eq!(server.ok(&["endpoints", "rm", &id]).trim(), format!("Deleted endpoint {id}"));
+    assert!(!server.ok(&["endpoints", "list"]).contains(&id));
+
+    // A second endpoint is left running: the server must take its engine down with it.
+    let created =
+        server.ok(&["endpoints", "create", "--project", &project, "--model", &model, "ep2"]);
+    assert!(created.contains("RUNNING 1/1 replicas ready"), "{created}");
+    let running = server.json(&["endpoints", "list", "--project", &project]);
+    let id2 = running["data"][0]["id"].as_str().unwrap().to_owned();
+    let pids2 = started_pids(&server.ok(&["endpoints", "logs", &id2]));
+    assert_eq!(pids2.len(), 1);
+    assert!(engine_alive(pids2[0]));
+
+    let status =
+        server.terminate(Duration::from_secs(30)).expect("bud serve did not stop within 30s");
+    assert!(status.success(), "bud serve exited with {status}:\n{}", server.log());
+    let survivors: Vec<_> =
+        pids.iter().chain(&pids2).copied().filter(|p| engine_alive(*p)).collect();
+    assert!(survivors.is_empty(), "engines outlived bud serve: {survivors:?}");
 }

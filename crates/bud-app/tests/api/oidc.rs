@@ -9,9 +9,8 @@
 //!   issuing client-credentials JWTs. Runs when `BUD_TEST_OIDC_PROVIDER` is set, after
 //!   `npm ci` in `tests/oidc`.
 //!
-//! budapp's verifier refreshes keys on an unknown kid at most once per
-//! `VerifierConfig::DEFAULT_REFRESH_COOLDOWN` (30 s), and `AppConfig` has no setting for it, so
-//! the rotation and provider-down tests wait that long, on the real clock.
+//! budapp's verifier refreshes keys on an unknown kid at most once per refresh cooldown; these
+//! tests set it to [`COOLDOWN`] and wait for it on the real clock.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -23,7 +22,6 @@ use axum::routing::get;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use bud_app::{AppConfig, IdentityMode, OidcSettings};
-use bud_auth::jwt::VerifierConfig;
 use bud_domain::Role;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use reqwest::{Method, StatusCode};
@@ -197,12 +195,16 @@ async fn certs(State(idp): State<FakeKeycloak>) -> axum::Json<Value> {
 
 // ---- helpers --------------------------------------------------------------------------------
 
+/// The key-set refresh cooldown these tests run with.
+const COOLDOWN: Duration = Duration::from_secs(5);
+
 fn oidc_config(issuer: &str, default_role: Role) -> AppConfig {
     AppConfig {
         identity: IdentityMode::Oidc(OidcSettings {
             issuer: issuer.to_owned(),
             jwks_uri: None,
             default_role,
+            jwks_refresh_cooldown: COOLDOWN,
         }),
         audience: "bud".into(),
         ..AppConfig::default()
@@ -212,8 +214,7 @@ fn oidc_config(issuer: &str, default_role: Role) -> AppConfig {
 /// Sends `token` to `/me` until the answer is not `waiting`, or a deadline just past the
 /// verifier's refresh cooldown; returns the last answer.
 async fn me_once_refreshed(app: &TestApp, token: &str, waiting: (StatusCode, &str)) -> Reply {
-    let deadline =
-        Instant::now() + VerifierConfig::DEFAULT_REFRESH_COOLDOWN + Duration::from_secs(10);
+    let deadline = Instant::now() + COOLDOWN + Duration::from_secs(10);
     loop {
         let r = app.get("/me", token).await;
         if (r.status, r.code()) != waiting || Instant::now() > deadline {
@@ -298,20 +299,42 @@ async fn provisioning(backend: Backend) {
     let r = app.get("/me", &sign(&rsa, &service)).await;
     assert_user(&r, "developer", "svc-ingest@127.0.0.1", "ingest-bot");
 
+    // Taking every Bud role away in the provider takes it away here: back to the default.
+    let demoted = app.get("/me", &token_with(ADA, &[])).await;
+    assert_user(&demoted, "tester", "ada@example.com", "Ada Lovelace");
+    let r = app.get("/me", &ada).await;
+    assert_user(&r, "admin", "ada@example.com", "Ada Lovelace");
+
+    // Another identity claiming an email an account already has is provisioned all the same,
+    // under an address derived from its identity, not locked out.
+    let mut twin = keycloak_claims(&idp.issuer, "ada-twin", &["bud-tester"]);
+    twin["email"] = json!("ada@example.com");
+    let r = app.get("/me", &sign(&rsa, &twin)).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_ne!(r.body["id"], ada_id);
+    assert!(r.body["email"].as_str().unwrap().ends_with("@external.invalid"), "{:?}", r.body);
+    // An unverified email is not taken at its word.
+    let mut unverified = keycloak_claims(&idp.issuer, "mallory", &["bud-tester"]);
+    unverified["email"] = json!("boss@example.com");
+    unverified["email_verified"] = json!(false);
+    let r = app.get("/me", &sign(&rsa, &unverified)).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_ne!(r.body["email"], "boss@example.com");
+
     // Ada, admin by the provider's word, sees each user once, and the audit log says why
     // her role changed.
     let users = app.get("/users", &ada).await;
     assert_eq!(users.status, StatusCode::OK, "{:?}", users.body);
     let listed = users.body["data"].as_array().unwrap();
-    assert_eq!(listed.len(), 3, "{listed:?}");
+    assert_eq!(listed.len(), 5, "{listed:?}");
     assert!(listed.iter().all(|u| u["external"] == true), "no local admin in OIDC mode");
     let audit = app.get("/audit?action=user.role_sync", &ada).await;
     assert_eq!(audit.status, StatusCode::OK, "{:?}", audit.body);
     let syncs = audit.body["data"].as_array().unwrap();
-    assert_eq!(syncs.len(), 2, "devops → developer → admin: {syncs:?}");
+    assert_eq!(syncs.len(), 4, "devops → developer → admin → tester → admin: {syncs:?}");
     assert!(syncs.iter().all(|e| e["resource_id"] == ada_id && e["actor"] == "system"));
     let audit = app.get("/audit?action=user.provision", &ada).await;
-    assert_eq!(audit.body["data"].as_array().unwrap().len(), 3, "{:?}", audit.body);
+    assert_eq!(audit.body["data"].as_array().unwrap().len(), 5, "{:?}", audit.body);
 
     // Disabled in Bud, the provider's valid token no longer gets Grace in.
     let r = app
@@ -436,7 +459,11 @@ async fn a_rotated_in_key_verifies_after_one_jwks_refresh() {
     let r = me_once_refreshed(&app, &after, (StatusCode::UNAUTHORIZED, "unknown_key")).await;
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
     assert_eq!(r.body["role"], "devops");
-    assert_eq!(idp.fetches(), 2, "two unknown-kid tokens a second for 30 s: one refresh");
+    assert_eq!(
+        idp.fetches(),
+        2,
+        "two unknown-kid tokens a second through the cooldown: one refresh"
+    );
 
     // The refresh also dropped the retired key.
     let r = app.get("/me", &before).await;
@@ -456,13 +483,19 @@ async fn a_provider_down_at_start_up_does_not_stop_budapp() {
     let token = sign(&rsa, &keycloak_claims(&issuer, ADA, &["bud-devops"]));
     // No keys yet: the token may be fine, so this is the server's trouble, not the client's.
     let r = app.get("/me", &token).await;
-    assert_eq!((r.status, r.code()), (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable"));
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::SERVICE_UNAVAILABLE, "identity_provider_unavailable")
+    );
 
     let idp = FakeKeycloak::serve(TcpListener::bind(("127.0.0.1", port)).await.unwrap(), &rsa);
     assert_eq!(idp.issuer, issuer);
-    let r =
-        me_once_refreshed(&app, &token, (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable"))
-            .await;
+    let r = me_once_refreshed(
+        &app,
+        &token,
+        (StatusCode::SERVICE_UNAVAILABLE, "identity_provider_unavailable"),
+    )
+    .await;
     assert_user(&r, "devops", "ada@example.com", "Ada Lovelace");
     assert_eq!(idp.fetches(), 1);
     app.stop().await;

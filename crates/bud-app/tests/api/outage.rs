@@ -311,7 +311,7 @@ async fn exercise_outage(db_url: String, mut outage: impl Outage) {
     let recovered =
         recovered.expect("budapp did not recover within 15 s of the database coming back");
 
-    let samples = samples.lock().unwrap();
+    let samples = std::mem::take(&mut *samples.lock().unwrap());
     // A request that starts just before the restore may wait for a connection (up to the 500 ms
     // acquire timeout) and then succeed: leave that margin out of the outage window.
     let window = (cut_at + Duration::from_millis(100), restored_at - Duration::from_millis(600));

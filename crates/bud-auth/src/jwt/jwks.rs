@@ -163,7 +163,14 @@ impl RemoteJwks {
         if self.attempts() != seen_attempts {
             return;
         }
-        if refresh.last_attempt.is_some_and(|at| at.elapsed() < cfg.refresh_cooldown) {
+        // With no keys at all every request fails, so retry within a second rather than
+        // waiting out the cooldown meant to protect a provider that works.
+        let cooldown = if self.cached().is_none() {
+            cfg.refresh_cooldown.min(std::time::Duration::from_secs(1))
+        } else {
+            cfg.refresh_cooldown
+        };
+        if refresh.last_attempt.is_some_and(|at| at.elapsed() < cooldown) {
             return;
         }
         if let Err(e) = self.fetch_locked(&mut refresh, &cfg.issuer).await {

@@ -73,6 +73,8 @@ pub struct VerifiedClaims {
     /// The issuer's stable id of the user (`sub`); with `issuer`, the key to the local user.
     pub subject: String,
     pub email: Option<String>,
+    /// `email_verified`, when the issuer states it.
+    pub email_verified: Option<bool>,
     /// `name`, or else `preferred_username` (Keycloak puts the login name there).
     pub name: Option<String>,
     /// `realm_access.roles` (Keycloak) followed by the top-level `roles` array (the built-in
@@ -392,6 +394,7 @@ fn claims_from(
         issuer: cfg.issuer.clone(),
         subject,
         email: string("email"),
+        email_verified: claims.get("email_verified").and_then(Value::as_bool),
         name: string("name").or_else(|| string("preferred_username")),
         roles,
         expires_at,

@@ -9,8 +9,8 @@ use anyhow::{Context, anyhow, bail};
 use bud_protocol::ErrorBody;
 use bud_protocol::ErrorDetail;
 use bud_protocol::control::{
-    ApiKeyList, AuditList, MemberList, ModelList, ProjectList, ProviderList, RefreshRequest,
-    TokenResponse, UserList,
+    ApiKeyList, AuditList, ClusterList, EndpointList, MemberList, ModelList, ProjectList,
+    ProviderList, RefreshRequest, TokenResponse, UserList,
 };
 use reqwest::{Method, StatusCode};
 use serde::Serialize;
@@ -104,6 +104,14 @@ impl Api {
         self.call(Method::POST, path, &[], Some(serde_json::to_value(body)?)).await
     }
 
+    pub async fn put<T: DeserializeOwned>(
+        &mut self,
+        path: &str,
+        body: &impl Serialize,
+    ) -> anyhow::Result<T> {
+        self.call(Method::PUT, path, &[], Some(serde_json::to_value(body)?)).await
+    }
+
     pub async fn patch<T: DeserializeOwned>(
         &mut self,
         path: &str,
@@ -119,6 +127,17 @@ impl Api {
         query: &[(&str, String)],
     ) -> anyhow::Result<T> {
         self.call(Method::DELETE, path, query, None).await
+    }
+
+    /// A GET whose success body is text (logs), returned as it is.
+    pub async fn get_text(
+        &mut self,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> anyhow::Result<String> {
+        let response = self.exchange(Method::GET, path, query, None).await?;
+        let bytes = body(&self.base, response).await?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
     /// Every item of a list, following `next_cursor`, up to `max` items (a note on standard
@@ -151,7 +170,7 @@ impl Api {
         }
     }
 
-    /// Sends a request; on 401 `token_expired`, refreshes the session once and sends it again.
+    /// Sends a request and reads its JSON answer.
     async fn call<T: DeserializeOwned>(
         &mut self,
         method: Method,
@@ -159,6 +178,18 @@ impl Api {
         query: &[(&str, String)],
         body: Option<serde_json::Value>,
     ) -> anyhow::Result<T> {
+        let response = self.exchange(method, path, query, body).await?;
+        read(&self.base, response).await
+    }
+
+    /// Sends a request; on 401 `token_expired`, refreshes the session once and sends it again.
+    async fn exchange(
+        &mut self,
+        method: Method,
+        path: &str,
+        query: &[(&str, String)],
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<reqwest::Response> {
         let mut response = self.send(method.clone(), path, query, body.as_ref()).await?;
         if response.status() == StatusCode::UNAUTHORIZED && self.session.is_some() {
             let bytes = response.bytes().await.map_err(|e| transport(&self.base, e))?;
@@ -169,7 +200,7 @@ impl Api {
             self.refresh().await?;
             response = self.send(method, path, query, body.as_ref()).await?;
         }
-        read(&self.base, response).await
+        Ok(response)
     }
 
     async fn send(
@@ -241,14 +272,21 @@ impl std::error::Error for ApiFailure {}
 /// error answer as an [`ApiFailure`].
 async fn read<T: DeserializeOwned>(base: &str, response: reqwest::Response) -> anyhow::Result<T> {
     let status = response.status();
-    let bytes = response.bytes().await.map_err(|e| transport(base, e))?;
-    if !status.is_success() {
-        return Err(ApiFailure::new(status, &bytes).into());
-    }
+    let bytes = body(base, response).await?;
     let json: &[u8] = if bytes.is_empty() { b"null" } else { &bytes };
     serde_json::from_slice(json).with_context(|| {
         format!("budapp's answer ({status}) is not what this client expects; is `bud` the same version as the server?")
     })
+}
+
+/// A success body's bytes, or the error answer as an [`ApiFailure`].
+async fn body(base: &str, response: reqwest::Response) -> anyhow::Result<Vec<u8>> {
+    let status = response.status();
+    let bytes = response.bytes().await.map_err(|e| transport(base, e))?;
+    if !status.is_success() {
+        return Err(ApiFailure::new(status, &bytes).into());
+    }
+    Ok(bytes.into())
 }
 
 fn transport(base: &str, e: reqwest::Error) -> anyhow::Error {
@@ -281,6 +319,8 @@ page!(
     ProviderList => bud_protocol::control::ProviderDto,
     ApiKeyList => bud_protocol::control::ApiKeyDto,
     AuditList => bud_protocol::control::AuditRecordDto,
+    ClusterList => bud_protocol::control::ClusterDto,
+    EndpointList => bud_protocol::control::EndpointDto,
 );
 
 #[cfg(test)]
@@ -468,6 +508,41 @@ mod tests {
 
         let seen = seen.lock().unwrap().clone();
         assert_eq!(seen[0].line, "DELETE /permissions?user_id=u1&permission=key%3Amanage");
+    }
+
+    #[tokio::test]
+    async fn text_answers_come_back_as_they_are_and_errors_still_read_as_failures() {
+        let logs = "==> replica 0 <==\n--- started pid 42 port 4000 at now ---\n";
+        let (url, seen) = fake_budapp(vec![
+            (200, logs.to_owned()),
+            (503, error("unavailable", "budcluster cannot be reached")),
+        ])
+        .await;
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut api, _file) = logged_in(&url, tmp.path());
+
+        let text = api.get_text("/endpoints/e/logs", &[("tail", "5".to_owned())]).await.unwrap();
+        let e = api.get_text("/endpoints/e/logs", &[]).await.unwrap_err();
+
+        assert_eq!(text, logs);
+        assert_eq!(e.downcast_ref::<ApiFailure>().unwrap().status, StatusCode::SERVICE_UNAVAILABLE);
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen[0].line, "GET /endpoints/e/logs?tail=5");
+        assert_eq!(seen[0].authorization.as_deref(), Some("Bearer access-1"));
+    }
+
+    #[tokio::test]
+    async fn put_sends_its_body_as_json() {
+        let (url, seen) = fake_budapp(vec![(200, project("search"))]).await;
+        let tmp = tempfile::tempdir().unwrap();
+        let (mut api, _file) = logged_in(&url, tmp.path());
+
+        let body = serde_json::json!({"kubeconfig": "apiVersion: v1"});
+        let _: ProjectDto = api.put("/clusters/c/kubeconfig", &body).await.unwrap();
+
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen[0].line, "PUT /clusters/c/kubeconfig");
+        assert_eq!(seen[0].body, r#"{"kubeconfig":"apiVersion: v1"}"#);
     }
 
     #[tokio::test]

@@ -1,7 +1,8 @@
 //! What the client asks the person at the terminal, or reads from standard input for scripts.
 //! Secrets are never taken as arguments: those end up in shell history and `ps`.
 
-use std::io::{BufRead, Write};
+use std::io::{BufRead, Read, Write};
+use std::path::Path;
 
 use anyhow::{Context, bail};
 
@@ -28,6 +29,26 @@ pub fn secret_from_stdin(what: &str) -> anyhow::Result<String> {
     Ok(secret.to_owned())
 }
 
+/// The whole of a file, or of standard input when `path` is `-`, for `--kubeconfig` and
+/// friends; refused when empty.
+pub fn text_from(path: &Path, what: &str) -> anyhow::Result<String> {
+    let text = if path == Path::new("-") {
+        let mut text = String::new();
+        std::io::stdin()
+            .lock()
+            .read_to_string(&mut text)
+            .with_context(|| format!("reading the {what} from standard input"))?;
+        text
+    } else {
+        std::fs::read_to_string(path)
+            .with_context(|| format!("reading the {what} from {}", path.display()))?
+    };
+    if text.trim().is_empty() {
+        bail!("the {what} is empty");
+    }
+    Ok(text)
+}
+
 /// A secret typed without echo.
 pub fn password(prompt: &str) -> anyhow::Result<String> {
     let secret = rpassword::prompt_password(prompt)
@@ -52,4 +73,27 @@ fn read_line() -> std::io::Result<String> {
     let mut line = String::new();
     std::io::stdin().lock().read_line(&mut line)?;
     Ok(line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_is_read_whole_and_an_empty_one_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kubeconfig");
+        std::fs::write(&path, "apiVersion: v1\nkind: Config\n").unwrap();
+        assert_eq!(text_from(&path, "kubeconfig").unwrap(), "apiVersion: v1\nkind: Config\n");
+
+        std::fs::write(&path, "\n  \n").unwrap();
+        assert_eq!(
+            text_from(&path, "kubeconfig").unwrap_err().to_string(),
+            "the kubeconfig is empty"
+        );
+
+        let missing = dir.path().join("missing");
+        let e = text_from(&missing, "kubeconfig").unwrap_err().to_string();
+        assert_eq!(e, format!("reading the kubeconfig from {}", missing.display()));
+    }
 }

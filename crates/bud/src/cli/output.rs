@@ -2,8 +2,9 @@
 //! with `--json` for scripts.
 
 use bud_protocol::control::{
-    ApiKeyDto, AuditRecordDto, GrantDto, MemberDto, ModelDto, PermissionsDto, ProjectDto,
-    ProjectPermissionsDto, ProviderDto, UserDto,
+    ApiKeyDto, AuditRecordDto, ClusterDto, ClusterEventDto, EndpointDto, EndpointEventDto,
+    GrantDto, MemberDto, ModelDto, PermissionsDto, ProjectDto, ProjectPermissionsDto, ProviderDto,
+    UserDto,
 };
 use chrono::{DateTime, Utc};
 use comfy_table::{Table, presets};
@@ -86,11 +87,24 @@ pub fn table<T: Tabular>(items: &[T]) -> String {
 
 /// One item as `FIELD  value` lines.
 pub fn details<T: Tabular>(item: &T) -> String {
+    fields(item.details())
+}
+
+/// `FIELD  value` lines, the values lined up.
+pub fn fields(pairs: Vec<(&'static str, String)>) -> String {
     let mut table = Table::new();
     table.load_preset(presets::NOTHING);
-    table.add_rows(item.details().into_iter().map(|(field, value)| vec![field.to_owned(), value]));
+    table.add_rows(pairs.into_iter().map(|(field, value)| vec![field.to_owned(), value]));
     pad(&mut table);
     table.trim_fmt()
+}
+
+/// A resource's details, then its recent history as a table (left out when there is none).
+pub fn details_with_events<T: Tabular, E: Tabular>(item: &T, events: &[E]) -> String {
+    if events.is_empty() {
+        return details(item);
+    }
+    format!("{}\n\nRecent events (newest first):\n{}", details(item), table(events))
 }
 
 /// A user's role, grants and effective permissions, as three blocks.
@@ -116,6 +130,27 @@ pub fn permissions(p: &PermissionsDto) -> String {
 /// A timestamp to the minute, in UTC: enough to tell resources apart in a table.
 pub fn short_time(t: &DateTime<Utc>) -> String {
     t.format("%Y-%m-%d %H:%M").to_string()
+}
+
+/// A timestamp to the second, in UTC: for events and checks, where minutes are too coarse.
+pub fn precise_time(t: &DateTime<Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M:%S").to_string()
+}
+
+/// An endpoint's replicas as `ready/desired`, as in the waiting lines and `kubectl get`.
+pub fn replicas(e: &EndpointDto) -> String {
+    format!("{}/{}", e.replicas_ready, e.replicas_desired)
+}
+
+/// An argument as a shell would need it typed: as it is unless it holds spaces, quotes or
+/// other characters the shell reads (`--dtype=half` stays bare, `a b` becomes `'a b'`).
+fn shell_word(arg: &str) -> String {
+    let plain = !arg.is_empty()
+        && arg.chars().all(|c| c.is_ascii_alphanumeric() || "-_=.,:/@%+".contains(c));
+    if plain {
+        return arg.to_owned();
+    }
+    shlex::try_quote(arg).map_or_else(|_| format!("{arg:?}"), |q| q.into_owned())
 }
 
 fn borderless(header: Vec<String>, rows: impl Iterator<Item = Vec<String>>) -> String {
@@ -311,12 +346,123 @@ impl Tabular for AuditRecordDto {
     fn row(&self) -> Vec<String> {
         vec![
             self.seq.to_string(),
-            self.at.format("%Y-%m-%d %H:%M:%S").to_string(),
+            precise_time(&self.at),
             self.actor.clone(),
             self.action.clone(),
             format!("{} {}", self.resource_type, self.resource_id),
             optional(self.project_id),
         ]
+    }
+}
+
+impl Tabular for ClusterDto {
+    const COLUMNS: &'static [&'static str] =
+        &["ID", "NAME", "KIND", "STATUS", "NODES", "GPUS", "LAST CHECK"];
+
+    fn row(&self) -> Vec<String> {
+        let inventory = self.inventory.as_ref();
+        vec![
+            self.id.to_string(),
+            self.name.clone(),
+            self.kind.clone(),
+            self.status.clone(),
+            optional(inventory.map(|i| i.nodes)),
+            optional(inventory.map(|i| format!("{}/{}", i.gpus_allocatable, i.gpus_total))),
+            optional(self.last_checked_at.as_ref().map(precise_time)),
+        ]
+    }
+
+    fn details(&self) -> Vec<(&'static str, String)> {
+        let inventory = self.inventory.as_ref();
+        let namespace = if self.namespace.is_empty() { "-" } else { &self.namespace };
+        let reason = if self.reason.is_empty() { "-" } else { &self.reason };
+        vec![
+            ("ID", self.id.to_string()),
+            ("NAME", self.name.clone()),
+            ("KIND", self.kind.clone()),
+            ("STATUS", self.status.clone()),
+            ("REASON", reason.to_owned()),
+            ("NAMESPACE", namespace.to_owned()),
+            ("LAST CHECK", optional(self.last_checked_at.as_ref().map(precise_time))),
+            ("FAILED CHECKS", self.consecutive_failures.to_string()),
+            ("NODES", optional(inventory.map(|i| i.nodes))),
+            ("GPUS TOTAL", optional(inventory.map(|i| i.gpus_total))),
+            ("GPUS ALLOCATABLE", optional(inventory.map(|i| i.gpus_allocatable))),
+            (
+                "DEVICE PLUGIN",
+                optional(
+                    inventory
+                        .map(|i| if i.device_plugin_running { "running" } else { "not running" }),
+                ),
+            ),
+            ("CREATED", short_time(&self.created_at)),
+            ("UPDATED", short_time(&self.updated_at)),
+        ]
+    }
+}
+
+impl Tabular for ClusterEventDto {
+    const COLUMNS: &'static [&'static str] = &["AT", "FROM", "TO", "REASON"];
+
+    fn row(&self) -> Vec<String> {
+        vec![
+            precise_time(&self.at),
+            optional(self.from_status.as_deref()),
+            self.to_status.clone(),
+            self.reason.clone(),
+        ]
+    }
+}
+
+impl Tabular for EndpointDto {
+    const COLUMNS: &'static [&'static str] =
+        &["ID", "NAME", "STATUS", "READY", "REASON", "PROJECT", "SINCE"];
+
+    fn row(&self) -> Vec<String> {
+        vec![
+            self.id.to_string(),
+            self.name.clone(),
+            self.status.clone(),
+            replicas(self),
+            optional(self.reason.as_deref()),
+            self.project_id.to_string(),
+            short_time(&self.status_since),
+        ]
+    }
+
+    fn details(&self) -> Vec<(&'static str, String)> {
+        let detail = if self.reason_detail.is_empty() { "-" } else { &self.reason_detail };
+        let args = if self.engine_args.is_empty() {
+            "-".to_owned()
+        } else {
+            self.engine_args.iter().map(|a| shell_word(a)).collect::<Vec<_>>().join(" ")
+        };
+        vec![
+            ("ID", self.id.to_string()),
+            ("NAME", self.name.clone()),
+            ("PROJECT", self.project_id.to_string()),
+            ("MODEL", self.model_id.to_string()),
+            ("CLUSTER", self.cluster_id.to_string()),
+            ("STATUS", self.status.clone()),
+            ("SINCE", precise_time(&self.status_since)),
+            ("REASON", optional(self.reason.as_deref())),
+            ("DETAIL", detail.to_owned()),
+            ("READY", format!("{} replicas ready", replicas(self))),
+            ("MIN REPLICAS", self.min_replicas.to_string()),
+            ("GPUS PER REPLICA", self.gpus_per_replica.to_string()),
+            ("ENGINE ARGS", args),
+            ("DEPLOY TIMEOUT", format!("{}s", self.deployment_timeout_secs)),
+            ("CREATED", short_time(&self.created_at)),
+            ("UPDATED", short_time(&self.updated_at)),
+        ]
+    }
+}
+
+impl Tabular for EndpointEventDto {
+    const COLUMNS: &'static [&'static str] = &["AT", "KIND", "MESSAGE"];
+
+    fn row(&self) -> Vec<String> {
+        vec![precise_time(&self.at), self.kind.clone(), self.message.clone()]
     }
 }
 
@@ -392,6 +538,61 @@ mod tests {
         assert_eq!(row[2].chars().count(), 40);
         assert!(row[2].ends_with('…'));
         assert!(Format::Table.one(&project("search", &long)).unwrap().contains(&long));
+    }
+
+    #[test]
+    fn a_cluster_shows_its_inventory_in_lists_and_details() {
+        let at = Utc.with_ymd_and_hms(2025, 3, 14, 9, 26, 53).unwrap();
+        let mut cluster = ClusterDto {
+            id: Uuid::nil(),
+            name: "gpu-east".into(),
+            kind: "kubernetes".into(),
+            status: "NOT_AVAILABLE".into(),
+            reason: "the API server did not answer".into(),
+            namespace: "bud-workloads".into(),
+            last_checked_at: Some(at),
+            consecutive_failures: 2,
+            inventory: None,
+            events: vec![],
+            created_at: at,
+            updated_at: at,
+        };
+        let row = Format::Table.list(std::slice::from_ref(&cluster)).unwrap();
+        assert!(
+            row.lines()
+                .nth(1)
+                .unwrap()
+                .ends_with("NOT_AVAILABLE  -      -     2025-03-14 09:26:53"),
+            "{row}"
+        );
+        cluster.inventory = Some(bud_protocol::control::InventoryDto {
+            nodes: 3,
+            gpus_total: 8,
+            gpus_allocatable: 6,
+            device_plugin_running: true,
+        });
+        let shown = details(&cluster);
+        for (field, value) in [
+            ("REASON", "the API server did not answer"),
+            ("LAST CHECK", "2025-03-14 09:26:53"),
+            ("NODES", "3"),
+            ("GPUS TOTAL", "8"),
+            ("GPUS ALLOCATABLE", "6"),
+            ("DEVICE PLUGIN", "running"),
+        ] {
+            assert!(
+                shown.lines().any(|l| l.starts_with(field) && l.ends_with(value)),
+                "{field}: {shown}"
+            );
+        }
+        assert!(table(&[cluster]).contains("6/8"));
+    }
+
+    #[test]
+    fn engine_args_are_shown_as_typed_quoting_only_what_needs_it() {
+        assert_eq!(shell_word("--max-model-len=4096"), "--max-model-len=4096");
+        assert_eq!(shell_word("half precision"), "'half precision'");
+        assert_eq!(shell_word(""), "''");
     }
 
     #[test]

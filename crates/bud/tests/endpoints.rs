@@ -1,0 +1,599 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! Endpoints on the local cluster, end to end: `bud serve` as a process, the REST API over
+//! loopback, engine-sim replicas as its child processes. Covers the lifecycle, the failures the
+//! guide names (start failure, crash, deployment timeout, unreachable cluster), a crash of
+//! `bud serve` itself mid-deployment, and two budcluster replicas sharing one PostgreSQL.
+
+use std::collections::BTreeSet;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+const BUD: &str = env!("CARGO_BIN_EXE_bud");
+const PASSWORD: &str = "endpoints e2e password";
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// One `bud serve` process; killed on drop.
+struct Serve {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Serve {
+    /// Starts `bud serve [args]` with `data` as its data directory and `env` on top of the
+    /// test defaults (fast reconcile and probes), and waits until `port` accepts connections.
+    fn start(data: &Path, args: &[&str], env: &[(&str, String)], port: u16) -> Serve {
+        std::fs::create_dir_all(data).unwrap();
+        let log = data.join(format!("serve-{}.log", uuid::Uuid::new_v4().simple()));
+        let mut cmd = Command::new(BUD);
+        cmd.arg("serve")
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("BUD_DATA_DIR", data)
+            .env("BUD_ADMIN_PASSWORD", PASSWORD)
+            .env("BUD_LOG_LEVEL", "info")
+            .env("BUD_CLUSTERS_RECONCILE_INTERVAL_MS", "200")
+            .env("BUD_CLUSTERS_PROBE_INTERVAL_SECS", "1")
+            .env("BUD_CLUSTERS_PROBE_TIMEOUT_SECS", "1")
+            .env("BUD_CLUSTERS_MAX_PROBE_FAILURES", "3")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut serve = Serve { child: cmd.spawn().unwrap(), log };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(status) = serve.child.try_wait().unwrap() {
+                panic!("bud serve exited with {status}:\n{}", serve.log());
+            }
+            assert!(Instant::now() < deadline, "bud serve did not listen:\n{}", serve.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        serve
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    fn stop(mut self) {
+        nix_kill(self.child.id(), "TERM");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(Instant::now() < deadline, "bud serve did not stop:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL: a crash, with no chance to clean up.
+    fn crash(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            nix_kill(self.child.id(), "TERM");
+            std::thread::sleep(Duration::from_millis(500));
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn nix_kill(pid: u32, signal: &str) {
+    let _ = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status();
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie (exited, not yet reaped) counts as gone.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.split(") ").nth(1).is_some_and(|rest| rest.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+/// A REST client logged in as the admin.
+struct Api {
+    base: String,
+    http: reqwest::Client,
+    token: String,
+}
+
+impl Api {
+    async fn login(port: u16) -> Api {
+        let base = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+        let r: Value = http
+            .post(format!("{base}/auth/login"))
+            .json(&json!({"email": "admin@bud.local", "password": PASSWORD}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let token =
+            r["access_token"].as_str().unwrap_or_else(|| panic!("login failed: {r}")).to_owned();
+        Api { base, http, token }
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut req =
+            self.http.request(method, format!("{}{path}", self.base)).bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    async fn post(&self, path: &str, body: Value) -> Value {
+        let (status, v) = self.call(reqwest::Method::POST, path, Some(body)).await;
+        assert!((200..300).contains(&status), "POST {path}: {status} {v}");
+        v
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        let (status, v) = self.call(reqwest::Method::GET, path, None).await;
+        assert_eq!(status, 200, "GET {path}: {v}");
+        v
+    }
+
+    /// A project and an engine-sim model to deploy.
+    async fn setup(&self) -> (String, String) {
+        let p = self.post("/projects", json!({"name": "e2e"})).await;
+        let m = self
+            .post(
+                "/models",
+                json!({"name": "sim", "source_uri": "hf://org/sim", "engine": "engine-sim"}),
+            )
+            .await;
+        (p["id"].as_str().unwrap().to_owned(), m["id"].as_str().unwrap().to_owned())
+    }
+
+    async fn endpoint(&self, project: &str, model: &str, name: &str, extra: Value) -> String {
+        let mut body = json!({"project_id": project, "model_id": model, "name": name});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        self.post("/endpoints", body).await["id"].as_str().unwrap().to_owned()
+    }
+
+    /// Polls until the endpoint satisfies `done`, or fails with its last state.
+    async fn wait(
+        &self,
+        id: &str,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let e = self.get(&format!("/endpoints/{id}")).await;
+            if done(&e) {
+                return e;
+            }
+            assert!(Instant::now() < deadline, "endpoint never became {what}: {e:#}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn wait_status(&self, id: &str, status: &str, ready: i64, timeout: Duration) -> Value {
+        self.wait(id, &format!("{status} {ready} ready"), timeout, |e| {
+            e["status"] == status && e["replicas_ready"] == ready
+        })
+        .await
+    }
+
+    /// (pid, port) of every replica start the endpoint's logs mention.
+    async fn replica_starts(&self, id: &str) -> Vec<(u32, u16)> {
+        let (_, logs) =
+            self.call(reqwest::Method::GET, &format!("/endpoints/{id}/logs?tail=1000"), None).await;
+        let text = logs.as_str().unwrap_or_default().to_owned();
+        text.lines()
+            .filter_map(|l| {
+                let rest = l.strip_prefix("--- started pid ")?;
+                let mut words = rest.split_whitespace();
+                let pid = words.next()?.parse().ok()?;
+                let port = words.nth(1)?.parse().ok()?;
+                Some((pid, port))
+            })
+            .collect()
+    }
+}
+
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+#[tokio::test]
+async fn endpoint_lifecycle_on_the_local_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let (app, cluster) = (free_port(), free_port());
+    let env =
+        [("BUD_SERVER_APP_PORT", app.to_string()), ("BUD_CLUSTERS_PORT", cluster.to_string())];
+    let serve = Serve::start(dir.path(), &[], &env, app);
+    let api = Api::login(app).await;
+
+    let clusters = api.get("/clusters").await;
+    assert_eq!(clusters["data"][0]["name"], "local");
+    let (project, model) = api.setup().await;
+    let id = api.endpoint(&project, &model, "chat", json!({"replicas": 2})).await;
+    let e = api.wait_status(&id, "RUNNING", 2, SECS(30)).await;
+    assert_eq!(e["replicas_desired"], 2);
+    let history: Vec<&str> =
+        e["events"].as_array().unwrap().iter().map(|v| v["message"].as_str().unwrap()).collect();
+    assert!(history.iter().any(|m| m.contains("deploying")), "{history:?}");
+
+    // Call an engine replica as a client would.
+    let starts = api.replica_starts(&id).await;
+    assert_eq!(starts.len(), 2, "{starts:?}");
+    let (_, port) = starts[0];
+    let answer: Value = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{port}/v1/chat/completions"))
+        .json(&json!({"model": "sim", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["model"], "sim");
+    assert_eq!(answer["usage"]["completion_tokens"], 4);
+
+    let (status, scaled) = api
+        .call(reqwest::Method::PATCH, &format!("/endpoints/{id}"), Some(json!({"replicas": 3})))
+        .await;
+    assert_eq!(status, 200, "{scaled}");
+    api.wait_status(&id, "RUNNING", 3, SECS(30)).await;
+    let metrics = api.get(&format!("/endpoints/{id}/metrics")).await;
+    assert_eq!(metrics["replicas_scraped"], 3, "{metrics}");
+
+    api.post(&format!("/endpoints/{id}/stop"), json!({})).await;
+    api.wait_status(&id, "STOPPED", 0, SECS(30)).await;
+    let pids: BTreeSet<u32> = api.replica_starts(&id).await.into_iter().map(|(p, _)| p).collect();
+    assert_eq!(pids.len(), 3);
+    assert!(pids.iter().all(|p| !alive(*p)), "stopped replicas are gone");
+
+    api.post(&format!("/endpoints/{id}/start"), json!({})).await;
+    api.wait_status(&id, "RUNNING", 3, SECS(30)).await;
+    api.post(&format!("/endpoints/{id}/stop"), json!({})).await;
+    api.wait_status(&id, "STOPPED", 0, SECS(30)).await;
+    let (status, _) = api.call(reqwest::Method::DELETE, &format!("/endpoints/{id}"), None).await;
+    assert_eq!(status, 204);
+    let all: BTreeSet<u32> = pids.into_iter().collect();
+    serve.stop();
+    assert!(all.iter().all(|p| !alive(*p)), "no engine process is left");
+}
+
+#[tokio::test]
+async fn illegal_commands_name_the_current_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let (app, cluster) = (free_port(), free_port());
+    let env =
+        [("BUD_SERVER_APP_PORT", app.to_string()), ("BUD_CLUSTERS_PORT", cluster.to_string())];
+    let _serve = Serve::start(dir.path(), &[], &env, app);
+    let api = Api::login(app).await;
+    let (project, model) = api.setup().await;
+    let id = api.endpoint(&project, &model, "e", json!({})).await;
+    api.wait_status(&id, "RUNNING", 1, SECS(30)).await;
+    let (status, body) = api.call(reqwest::Method::DELETE, &format!("/endpoints/{id}"), None).await;
+    assert_eq!(status, 409);
+    assert!(body["error"]["message"].as_str().unwrap().contains("RUNNING"), "{body}");
+    let (status, body) =
+        api.call(reqwest::Method::POST, &format!("/endpoints/{id}/retry"), Some(json!({}))).await;
+    assert_eq!(status, 409, "{body}");
+}
+
+#[tokio::test]
+async fn start_failure_is_an_error_and_retry_recovers_once_the_fault_is_cleared() {
+    let dir = tempfile::tempdir().unwrap();
+    let fault = dir.path().join("fault");
+    std::fs::write(&fault, "").unwrap();
+    let (app, cluster) = (free_port(), free_port());
+    // The engine refuses to start while the fault file exists.
+    let command = format!(
+        "sh -c 'test -e {} && {{ echo engine cannot start: fault file present >&2; exit 3; }}; exec {BUD} engine-sim --port {{port}} --model {{model}}'",
+        fault.display()
+    );
+    let env = [
+        ("BUD_SERVER_APP_PORT", app.to_string()),
+        ("BUD_CLUSTERS_PORT", cluster.to_string()),
+        ("BUD_CLUSTERS_LOCAL_COMMAND", command),
+    ];
+    let _serve = Serve::start(dir.path(), &[], &env, app);
+    let api = Api::login(app).await;
+    let (project, model) = api.setup().await;
+    let id = api.endpoint(&project, &model, "broken", json!({})).await;
+    let e = api.wait(&id, "ERROR", SECS(60), |e| e["status"] == "ERROR").await;
+    assert_eq!(e["reason"], "start_failure", "{e:#}");
+    assert!(
+        e["reason_detail"].as_str().unwrap().contains("fault file present"),
+        "the detail quotes the engine: {e:#}"
+    );
+
+    std::fs::remove_file(&fault).unwrap();
+    api.post(&format!("/endpoints/{id}/retry"), json!({})).await;
+    api.wait_status(&id, "RUNNING", 1, SECS(30)).await;
+}
+
+#[tokio::test]
+async fn a_replica_that_crashes_while_running_is_restarted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (app, cluster) = (free_port(), free_port());
+    let env =
+        [("BUD_SERVER_APP_PORT", app.to_string()), ("BUD_CLUSTERS_PORT", cluster.to_string())];
+    let _serve = Serve::start(dir.path(), &[], &env, app);
+    let api = Api::login(app).await;
+    let (project, model) = api.setup().await;
+    let id = api
+        .endpoint(&project, &model, "fragile", json!({"engine_args": ["--crash-after", "2"]}))
+        .await;
+    api.wait_status(&id, "RUNNING", 1, SECS(30)).await;
+    let (pid, port) = api.replica_starts(&id).await[0];
+    let http = reqwest::Client::new();
+    for _ in 0..2 {
+        let _ = http
+            .post(format!("http://127.0.0.1:{port}/v1/completions"))
+            .json(&json!({"model": "sim", "prompt": "x", "max_tokens": 1}))
+            .send()
+            .await;
+    }
+    let deadline = Instant::now() + SECS(30);
+    while alive(pid) {
+        assert!(Instant::now() < deadline, "the replica did not crash");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The local driver starts it again: a second start is logged and the endpoint is ready.
+    let deadline = Instant::now() + SECS(30);
+    loop {
+        let starts = api.replica_starts(&id).await;
+        let e = api.get(&format!("/endpoints/{id}")).await;
+        if starts.len() >= 2
+            && alive(starts.last().unwrap().0)
+            && e["status"] == "RUNNING"
+            && e["replicas_ready"] == 1
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the replica was not restarted: {starts:?} {e:#}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_deployment_that_is_not_ready_in_time_is_an_error_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let (app, cluster) = (free_port(), free_port());
+    let env =
+        [("BUD_SERVER_APP_PORT", app.to_string()), ("BUD_CLUSTERS_PORT", cluster.to_string())];
+    let _serve = Serve::start(dir.path(), &[], &env, app);
+    let api = Api::login(app).await;
+    let (project, model) = api.setup().await;
+    let extra =
+        json!({"engine_args": ["--start-delay-ms", "120000"], "deployment_timeout_secs": 5});
+    let id = api.endpoint(&project, &model, "slow", extra).await;
+    let e = api.wait(&id, "ERROR", SECS(30), |e| e["status"] == "ERROR").await;
+    assert_eq!(e["reason"], "timeout", "{e:#}");
+    assert!(e["reason_detail"].as_str().unwrap().contains("0 of 1"), "{e:#}");
+    let pids: Vec<u32> = api.replica_starts(&id).await.into_iter().map(|(p, _)| p).collect();
+    let deadline = Instant::now() + SECS(15);
+    while pids.iter().any(|p| alive(*p)) {
+        assert!(Instant::now() < deadline, "an errored endpoint keeps no replicas");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A kubeconfig pointing at a port where nothing listens.
+fn kubeconfig_to_nowhere() -> String {
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: gone\n  cluster:\n    server: https://127.0.0.1:{}\ncontexts:\n- name: gone\n  context:\n    cluster: gone\n    user: u\ncurrent-context: gone\nusers:\n- name: u\n  user:\n    token: t\n",
+        free_port()
+    )
+}
+
+#[tokio::test]
+async fn an_unreachable_cluster_errors_after_retries_and_others_are_unaffected() {
+    let dir = tempfile::tempdir().unwrap();
+    let (app, cluster) = (free_port(), free_port());
+    let env =
+        [("BUD_SERVER_APP_PORT", app.to_string()), ("BUD_CLUSTERS_PORT", cluster.to_string())];
+    let _serve = Serve::start(dir.path(), &[], &env, app);
+    let api = Api::login(app).await;
+    let c = api
+        .post("/clusters", json!({"name": "gpu-east", "kubeconfig": kubeconfig_to_nowhere()}))
+        .await;
+    let cid = c["id"].as_str().unwrap().to_owned();
+    assert_eq!(c["status"], "REGISTERING");
+
+    let (project, model) = api.setup().await;
+    let id = api.endpoint(&project, &model, "alive", json!({})).await;
+
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + SECS(60);
+    loop {
+        let c = api.get(&format!("/clusters/{cid}")).await;
+        let status = c["status"].as_str().unwrap().to_owned();
+        if seen.last() != Some(&status) {
+            seen.push(status.clone());
+        }
+        if status == "ERROR" {
+            assert!(c["reason"].as_str().unwrap().contains("3 failed checks"), "{c:#}");
+            let to: Vec<&str> = c["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| e["to_status"].as_str().unwrap())
+                .collect();
+            assert!(
+                to.contains(&"NOT_AVAILABLE") && to.contains(&"ERROR"),
+                "every change is recorded: {to:?}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "never reached ERROR: {seen:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(seen.contains(&"NOT_AVAILABLE".to_owned()), "{seen:?}");
+    // Meanwhile the local cluster served its endpoint.
+    api.wait_status(&id, "RUNNING", 1, SECS(30)).await;
+    let local = api.get("/clusters").await["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "local")
+        .cloned()
+        .unwrap();
+    assert_eq!(local["status"], "AVAILABLE");
+
+    // Refresh goes back to REGISTERING and the checks start over.
+    let refreshed = api.post(&format!("/clusters/{cid}/refresh"), json!({})).await;
+    assert_eq!(refreshed["status"], "REGISTERING");
+    let (status, body) = api
+        .call(
+            reqwest::Method::POST,
+            "/clusters",
+            Some(json!({"name": "x", "kubeconfig": "not: [yaml"})),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["field"], "kubeconfig");
+}
+
+#[tokio::test]
+async fn a_crash_mid_deployment_converges_after_restart_with_no_orphans() {
+    let dir = tempfile::tempdir().unwrap();
+    let (app, cluster) = (free_port(), free_port());
+    let env =
+        [("BUD_SERVER_APP_PORT", app.to_string()), ("BUD_CLUSTERS_PORT", cluster.to_string())];
+    let serve = Serve::start(dir.path(), &[], &env, app);
+    let api = Api::login(app).await;
+    let (project, model) = api.setup().await;
+    let id = api
+        .endpoint(
+            &project,
+            &model,
+            "phoenix",
+            json!({"replicas": 2, "engine_args": ["--start-delay-ms", "3000"]}),
+        )
+        .await;
+    api.wait(&id, "DEPLOYING with replicas started", SECS(30), |e| e["status"] == "DEPLOYING")
+        .await;
+    let deadline = Instant::now() + SECS(15);
+    let first = loop {
+        let starts = api.replica_starts(&id).await;
+        if starts.len() == 2 {
+            break starts;
+        }
+        assert!(Instant::now() < deadline, "replicas never started");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    serve.crash();
+    assert!(first.iter().all(|(p, _)| alive(*p)), "the crash left the replicas running");
+
+    let serve = Serve::start(dir.path(), &[], &env, app);
+    let api = Api::login(app).await;
+    let e = api.wait_status(&id, "RUNNING", 2, SECS(60)).await;
+    assert_eq!(e["status"], "RUNNING");
+    assert!(
+        first.iter().all(|(p, _)| !alive(*p)),
+        "the orphans of the crashed process were cleaned up"
+    );
+    let now: Vec<u32> = api.replica_starts(&id).await.into_iter().map(|(p, _)| p).collect();
+    assert_eq!(now.iter().filter(|p| alive(**p)).count(), 2, "exactly the desired replicas run");
+    serve.stop();
+}
+
+/// Two budcluster replicas on one PostgreSQL: only the holder of a cluster's lease runs its
+/// endpoints; when it stops, the other takes over.
+#[tokio::test]
+async fn two_budclusters_on_one_postgres_never_double_deploy() {
+    let Some(admin) = bud_store::testing::postgres_admin_url() else {
+        eprintln!("skipped: BUD_TEST_POSTGRES_URL not set");
+        return;
+    };
+    let db = bud_store::testing::fresh_postgres(&admin).await.unwrap();
+    let url = db.config().url.clone();
+    let root = tempfile::tempdir().unwrap();
+    let app = free_port();
+    // One master key for all three processes: they share the sealed secrets in the database.
+    let key = bud_auth::secrets::encode_key_spec("k1", &[7u8; 32]);
+    let shared =
+        [("BUD_DATABASE_URL", url.clone()), ("BUD_SECRETS_MASTER_KEYS", format!("[\"{key}\"]"))];
+    let with = |extra: &[(&'static str, String)]| -> Vec<(&'static str, String)> {
+        shared.iter().cloned().chain(extra.iter().cloned()).collect()
+    };
+
+    let a_port = free_port();
+    let b_port = free_port();
+    let a = Serve::start(
+        &root.path().join("a"),
+        &["--only", "cluster"],
+        &with(&[("BUD_CLUSTERS_PORT", a_port.to_string())]),
+        a_port,
+    );
+    let b = Serve::start(
+        &root.path().join("b"),
+        &["--only", "cluster"],
+        &with(&[("BUD_CLUSTERS_PORT", b_port.to_string())]),
+        b_port,
+    );
+    let api_env = with(&[
+        ("BUD_SERVER_APP_PORT", app.to_string()),
+        ("BUD_CLUSTERS_URL", format!("http://127.0.0.1:{a_port}")),
+        ("BUD_CLUSTERS_LOCAL", "false".into()),
+    ]);
+    let _app = Serve::start(&root.path().join("app"), &["--only", "app"], &api_env, app);
+    let api = Api::login(app).await;
+    let (project, model) = api.setup().await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        ids.push(api.endpoint(&project, &model, &format!("e{i}"), json!({"replicas": 2})).await);
+    }
+    for id in &ids {
+        api.wait_status(id, "RUNNING", 2, SECS(60)).await;
+    }
+    let replicas_under = |who: &str| -> usize {
+        ids.iter()
+            .map(|id| {
+                let dir = root.path().join(who).join("local").join(id);
+                std::fs::read_dir(dir)
+                    .map(|d| {
+                        d.filter(|f| {
+                            f.as_ref()
+                                .is_ok_and(|f| f.path().extension().is_some_and(|x| x == "json"))
+                        })
+                        .count()
+                    })
+                    .unwrap_or(0)
+            })
+            .sum()
+    };
+    let (in_a, in_b) = (replicas_under("a"), replicas_under("b"));
+    assert_eq!(in_a + in_b, 6, "every replica runs once: a={in_a} b={in_b}");
+    assert!(in_a == 0 || in_b == 0, "one budcluster holds the local cluster: a={in_a} b={in_b}");
+
+    // Stop the holder; the other takes the lease over and redeploys.
+    let (holder, other) = if in_a > 0 { (a, "b") } else { (b, "a") };
+    holder.stop();
+    let deadline = Instant::now() + SECS(60);
+    while replicas_under(other) < 6 {
+        assert!(Instant::now() < deadline, "the other budcluster did not take over");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for id in &ids {
+        api.wait_status(id, "RUNNING", 2, SECS(60)).await;
+    }
+    drop(api);
+    db.cleanup().await;
+}
