@@ -4,6 +4,7 @@
 
 pub mod kubernetes;
 pub mod local;
+pub mod simulated;
 
 use std::collections::HashMap;
 
@@ -66,6 +67,8 @@ pub enum DriverError {
 pub enum Driver {
     Local(local::LocalDriver),
     Kubernetes(kubernetes::KubernetesDriver),
+    /// A cluster simulated in memory, for benchmarks and tests of the reconciler.
+    Simulated(simulated::SimulatedCluster),
 }
 
 impl Driver {
@@ -74,6 +77,7 @@ impl Driver {
         match self {
             Driver::Local(d) => d.probe().await,
             Driver::Kubernetes(d) => d.probe().await,
+            Driver::Simulated(d) => d.probe().await,
         }
     }
 
@@ -82,6 +86,7 @@ impl Driver {
         match self {
             Driver::Local(d) => d.observe().await,
             Driver::Kubernetes(d) => d.observe().await,
+            Driver::Simulated(d) => d.observe().await,
         }
     }
 
@@ -90,6 +95,7 @@ impl Driver {
         match self {
             Driver::Local(d) => d.ensure(spec).await,
             Driver::Kubernetes(d) => d.ensure(spec).await,
+            Driver::Simulated(d) => d.ensure(spec).await,
         }
     }
 
@@ -98,6 +104,7 @@ impl Driver {
         match self {
             Driver::Local(d) => d.remove(id).await,
             Driver::Kubernetes(d) => d.remove(id).await,
+            Driver::Simulated(d) => d.remove(id).await,
         }
     }
 
@@ -106,6 +113,7 @@ impl Driver {
         match self {
             Driver::Local(d) => d.logs(id, tail).await,
             Driver::Kubernetes(d) => d.logs(id, tail).await,
+            Driver::Simulated(d) => d.logs(id, tail).await,
         }
     }
 
@@ -114,6 +122,7 @@ impl Driver {
         match self {
             Driver::Local(d) => d.shutdown().await,
             Driver::Kubernetes(d) => d.shutdown().await,
+            Driver::Simulated(d) => d.shutdown().await,
         }
     }
 }

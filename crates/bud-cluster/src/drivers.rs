@@ -13,6 +13,9 @@ use crate::driver::Driver;
 
 pub(crate) struct Drivers {
     local: Option<Arc<Driver>>,
+    /// Drivers given by the caller for particular clusters (simulated clusters in benchmarks
+    /// and tests); they win over the cluster's kind.
+    overrides: HashMap<ClusterId, Arc<Driver>>,
     keyring: Keyring,
     /// Kubernetes drivers by cluster, with the ciphertext they were built from.
     kubernetes: Mutex<HashMap<ClusterId, (String, Arc<Driver>)>>,
@@ -25,9 +28,15 @@ pub fn kubeconfig_aad(id: ClusterId) -> String {
 }
 
 impl Drivers {
-    pub fn new(local: Option<Driver>, keyring: Keyring, allow_exec_kubeconfig: bool) -> Self {
+    pub fn new(
+        local: Option<Driver>,
+        overrides: HashMap<ClusterId, Driver>,
+        keyring: Keyring,
+        allow_exec_kubeconfig: bool,
+    ) -> Self {
         Self {
             local: local.map(Arc::new),
+            overrides: overrides.into_iter().map(|(id, d)| (id, Arc::new(d))).collect(),
             keyring,
             kubernetes: Mutex::new(HashMap::new()),
             allow_exec_kubeconfig,
@@ -37,6 +46,9 @@ impl Drivers {
     /// The driver for `cluster`, or `None` when it cannot be built (no local driver in this
     /// process, a kubeconfig that no longer opens or parses); the prober reports why.
     pub async fn driver(&self, cluster: &Cluster) -> Option<Arc<Driver>> {
+        if let Some(driver) = self.overrides.get(&cluster.id) {
+            return Some(driver.clone());
+        }
         match cluster.kind {
             ClusterKind::Local => self.local.clone(),
             ClusterKind::Kubernetes => {

@@ -222,6 +222,13 @@ fn jitter(d: Duration) -> Duration {
     d.mul_f64(factor)
 }
 
+/// One reconcile pass of `id`, as the cluster's task runs it, without lease or probe.
+pub(crate) async fn pass(loops: &Loops, id: ClusterId) -> anyhow::Result<()> {
+    let Some(cluster) = loops.store.cluster(id).await? else { return Ok(()) };
+    let driver = loops.drivers.driver(&cluster).await;
+    reconcile(loops, &cluster, driver.as_deref()).await
+}
+
 async fn reconcile(
     loops: &Loops,
     cluster: &Cluster,

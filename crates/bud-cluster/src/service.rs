@@ -1,6 +1,7 @@
 //! The budcluster service: starts the drivers and the control loops, and answers what budapp
 //! asks of the clusters themselves (logs, engine metrics, a nudge to reconcile now).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use bud_auth::secrets::Keyring;
@@ -45,10 +46,17 @@ pub struct ClusterService {
 impl ClusterService {
     /// Builds the drivers (cleaning up local replicas left by a crashed predecessor) and, with
     /// the local driver, makes sure the `local` cluster exists.
-    pub async fn start(
+    pub async fn start(store: Store, keyring: Keyring, config: ClusterConfig) -> Result<Arc<Self>, ClusterError> {
+        Self::start_with(store, keyring, config, HashMap::new()).await
+    }
+
+    /// As [`ClusterService::start`], with drivers chosen by the caller for some clusters
+    /// (simulated clusters in benchmarks and tests).
+    pub async fn start_with(
         store: Store,
         keyring: Keyring,
         config: ClusterConfig,
+        overrides: HashMap<ClusterId, Driver>,
     ) -> Result<Arc<Self>, ClusterError> {
         let local = match &config.local {
             Some(local) => Some(Driver::Local(LocalDriver::new(local.clone()).await?)),
@@ -57,7 +65,7 @@ impl ClusterService {
         if local.is_some() {
             ensure_local_cluster(&store).await?;
         }
-        let drivers = Arc::new(Drivers::new(local, keyring, config.allow_exec_kubeconfig));
+        let drivers = Arc::new(Drivers::new(local, overrides, keyring, config.allow_exec_kubeconfig));
         let loops = Arc::new(Loops { store, drivers, config, wake: Arc::new(Notify::new()) });
         Ok(Arc::new(Self { loops, scraper: Scraper::new() }))
     }
@@ -70,6 +78,12 @@ impl ClusterService {
 
     pub fn config(&self) -> &ClusterConfig {
         &self.loops.config
+    }
+
+    /// Runs one reconcile pass over `cluster` now, outside the loops (benchmarks and tests:
+    /// a pass that finds nothing to change must write nothing).
+    pub async fn reconcile_once(&self, cluster: ClusterId) -> Result<(), ClusterError> {
+        reconciler::pass(&self.loops, cluster).await.map_err(|e| ClusterError::Unavailable(format!("{e:#}")))
     }
 
     /// Reconcile now rather than at the next interval (after a user change).

@@ -14,7 +14,7 @@ const BUD: &str = env!("CARGO_BIN_EXE_bud");
 const ADMIN_EMAIL: &str = "admin@bud.local";
 const ADMIN_PASSWORD: &str = "correct horse battery staple";
 
-/// `bud serve` on a free port with a fresh data directory; killed on drop.
+/// `bud serve` on free ports with a fresh data directory; stopped on drop.
 struct Server {
     child: Child,
     url: String,
@@ -28,18 +28,14 @@ impl Server {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let log = dir.path().join("serve.log");
-        // budcluster listens too, on a port of its own so that servers of tests running side by
-        // side do not collide. It is set in a file: `BUD_CLUSTERS_*` variables are not read
-        // (`clusters` is missing from the sections `Config::load` takes from the environment).
-        let config = dir.path().join("bud.toml");
-        std::fs::write(&config, format!("[clusters]\nport = {}\n", free_port())).unwrap();
         let child = Command::new(BUD)
             .arg("serve")
-            .arg("--config")
-            .arg(&config)
             .env_clear()
             .env("BUD_DATA_DIR", dir.path().join("data"))
             .env("BUD_SERVER_APP_PORT", port.to_string())
+            // budcluster listens too: on a port of its own, so that the servers of tests
+            // running side by side do not collide.
+            .env("BUD_CLUSTERS_PORT", free_port().to_string())
             .env("BUD_ADMIN_EMAIL", ADMIN_EMAIL)
             .env("BUD_ADMIN_PASSWORD", ADMIN_PASSWORD)
             .env("BUD_LOG_LEVEL", "warn")
@@ -106,8 +102,8 @@ impl Server {
         assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     }
 
-    /// Sends SIGTERM and waits up to `within` for the server to exit; whether it did, and
-    /// with success.
+    /// Sends SIGTERM and waits up to `within` for the server to exit: its exit status, or
+    /// `None` while it still runs.
     fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
         Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])

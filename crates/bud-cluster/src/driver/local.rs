@@ -102,10 +102,33 @@ pub struct LocalDriver {
     stop_all: CancellationToken,
 }
 
+/// What decides the command a replica runs: a change of it replaces every replica, while a
+/// change of the replica count or generation alone does not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct EngineShape {
+    served_name: String,
+    model_source: String,
+    engine_args: Vec<String>,
+    gpus_per_replica: u32,
+}
+
+impl EngineShape {
+    fn of(spec: &EndpointSpec) -> Self {
+        Self {
+            served_name: spec.served_name.clone(),
+            model_source: spec.model_source.clone(),
+            engine_args: spec.engine_args.clone(),
+            gpus_per_replica: spec.gpus_per_replica,
+        }
+    }
+}
+
 /// One endpoint as the driver runs it.
 struct Endpoint {
-    /// The generation the replicas in `replicas` were started for.
+    /// The generation the replicas in `replicas` were last ensured for.
     generation: i64,
+    /// What the replicas run; a change of it replaces them all.
+    engine: Option<EngineShape>,
     replicas: BTreeMap<u32, Replica>,
     /// Why `ensure` did not start what was asked (not enough free GPUs); replicas report their
     /// own failures.
@@ -203,6 +226,7 @@ impl LocalDriver {
             let needed = u64::from(spec.gpus_per_replica) * u64::from(spec.replicas);
             let endpoint = endpoints.entry(spec.id).or_insert_with(|| Endpoint {
                 generation: spec.generation,
+                engine: None,
                 replicas: BTreeMap::new(),
                 failure: None,
             });
@@ -212,12 +236,24 @@ impl LocalDriver {
                 return Ok(());
             }
             endpoint.failure = None;
-            if endpoint.generation != spec.generation {
-                endpoint.generation = spec.generation;
+            let shape = EngineShape::of(spec);
+            let mut leaving = if endpoint.engine.as_ref() != Some(&shape) {
+                // Another engine command: every replica is replaced.
+                endpoint.engine = Some(shape);
                 std::mem::take(&mut endpoint.replicas)
+            } else if endpoint.generation != spec.generation {
+                // Same engine, newer generation (a scale, a retry, a restart): ready replicas
+                // stay, the others start afresh with their backoff and failure counts reset.
+                let (ready, not_ready): (BTreeMap<_, _>, BTreeMap<_, _>) =
+                    std::mem::take(&mut endpoint.replicas).into_iter().partition(|(_, r)| r.status().ready);
+                endpoint.replicas = ready;
+                not_ready
             } else {
-                endpoint.replicas.split_off(&spec.replicas)
-            }
+                BTreeMap::new()
+            };
+            endpoint.generation = spec.generation;
+            leaving.append(&mut endpoint.replicas.split_off(&spec.replicas));
+            leaving
         };
         stop_replicas(leaving).await;
 

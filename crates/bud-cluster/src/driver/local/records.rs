@@ -35,7 +35,25 @@ impl Record {
         }
         let same_start =
             self.start_ticks.is_some() && process::start_ticks(self.pid) == self.start_ticks;
-        same_start || process::cmdline(self.pid).as_deref() == Some(self.argv.as_slice())
+        same_start
+            || process::cmdline(self.pid).is_some_and(|cmdline| same_command(&self.argv, &cmdline))
+    }
+}
+
+/// Whether a process's command line is what `argv` started. Exactly, or as the kernel rewrites
+/// a script (`vllm serve …` runs as `/usr/bin/python3 /usr/local/bin/vllm serve …`) or a shim
+/// execs the real program: the arguments end the command line, preceded by the program under
+/// the same file name.
+fn same_command(argv: &[String], cmdline: &[String]) -> bool {
+    let file_name = |program: &str| Path::new(program).file_name().map(|n| n.to_owned());
+    match argv.split_first() {
+        None => false,
+        Some(_) if argv == cmdline => true,
+        Some((program, args)) => {
+            cmdline.len() > args.len()
+                && cmdline.ends_with(args)
+                && file_name(&cmdline[cmdline.len() - args.len() - 1]) == file_name(program)
+        }
     }
 }
 
@@ -131,4 +149,27 @@ async fn record_files(folder: &Path) -> Vec<PathBuf> {
         }
     }
     found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(parts: &[&str]) -> Vec<String> {
+        parts.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_command_is_recognised_through_scripts_and_shims() {
+        let argv = strings(&["vllm", "serve", "m", "--port", "8001"]);
+        assert!(same_command(&argv, &argv));
+        let script = strings(&["/usr/bin/python3", "/usr/local/bin/vllm", "serve", "m", "--port", "8001"]);
+        assert!(same_command(&argv, &script));
+        let other_port = strings(&["/usr/bin/python3", "/usr/local/bin/vllm", "serve", "m", "--port", "8002"]);
+        assert!(!same_command(&argv, &other_port));
+        let other_program = strings(&["/usr/bin/python3", "/usr/local/bin/sglang", "serve", "m", "--port", "8001"]);
+        assert!(!same_command(&argv, &other_program));
+        assert!(!same_command(&argv, &strings(&["sleep", "30"])));
+        assert!(!same_command(&argv, &[]));
+    }
 }
