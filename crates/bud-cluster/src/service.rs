@@ -46,7 +46,11 @@ pub struct ClusterService {
 impl ClusterService {
     /// Builds the drivers (cleaning up local replicas left by a crashed predecessor) and, with
     /// the local driver, makes sure the `local` cluster exists.
-    pub async fn start(store: Store, keyring: Keyring, config: ClusterConfig) -> Result<Arc<Self>, ClusterError> {
+    pub async fn start(
+        store: Store,
+        keyring: Keyring,
+        config: ClusterConfig,
+    ) -> Result<Arc<Self>, ClusterError> {
         Self::start_with(store, keyring, config, HashMap::new()).await
     }
 
@@ -65,7 +69,8 @@ impl ClusterService {
         if local.is_some() {
             ensure_local_cluster(&store).await?;
         }
-        let drivers = Arc::new(Drivers::new(local, overrides, keyring, config.allow_exec_kubeconfig));
+        let drivers =
+            Arc::new(Drivers::new(local, overrides, keyring, config.allow_exec_kubeconfig));
         let loops = Arc::new(Loops { store, drivers, config, wake: Arc::new(Notify::new()) });
         Ok(Arc::new(Self { loops, scraper: Scraper::new() }))
     }
@@ -83,7 +88,9 @@ impl ClusterService {
     /// Runs one reconcile pass over `cluster` now, outside the loops (benchmarks and tests:
     /// a pass that finds nothing to change must write nothing).
     pub async fn reconcile_once(&self, cluster: ClusterId) -> Result<(), ClusterError> {
-        reconciler::pass(&self.loops, cluster).await.map_err(|e| ClusterError::Unavailable(format!("{e:#}")))
+        reconciler::pass(&self.loops, cluster)
+            .await
+            .map_err(|e| ClusterError::Unavailable(format!("{e:#}")))
     }
 
     /// Reconcile now rather than at the next interval (after a user change).

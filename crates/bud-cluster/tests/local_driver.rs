@@ -1,6 +1,8 @@
 //! The local driver against real processes: a small Python HTTP server stands in for the engine
 //! (it answers `GET /health`, and has fault switches like `bud engine-sim`'s).
 
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "a test fails by panicking")]
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -459,6 +461,17 @@ async fn shutdown_and_drop_stop_every_replica() {
         assert!(Instant::now() < deadline, "the dropped driver's replica still runs");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test]
+async fn two_drivers_never_share_a_state_directory() {
+    let f = Fixture::new().await;
+    let second = LocalDriver::new(config(f.dir.path())).await;
+    let Err(DriverError::Other(message)) = second else { panic!("a second driver started") };
+    assert!(message.contains("another budcluster runs local replicas from"), "{message}");
+
+    drop(f.driver);
+    LocalDriver::new(config(f.dir.path())).await.unwrap();
 }
 
 #[tokio::test]

@@ -8,7 +8,8 @@
 //!
 //! On disk, under `state_dir`, each endpoint has a folder with, per replica, a log
 //! (`replica-<n>.log`, kept until the operator deletes it) and, while its process runs, a record
-//! (`replica-<n>.json`: pid, port, argv, generation, start time).
+//! (`replica-<n>.json`: pid, port, argv, generation, start time). `<state_dir>/lock` is held
+//! by the one driver that uses the folder.
 //!
 //! After a crash of budcluster, replicas are **cleaned up, then redeployed**: a crashed
 //! budcluster leaves its engines running (nothing kills a child when its parent dies without
@@ -29,12 +30,13 @@ mod records;
 mod replica;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use bud_domain::{EndpointId, FailureReason};
 use bud_store::Inventory;
+use nix::fcntl::{Flock, FlockArg};
 use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::{DriverError, EndpointSpec, Observation, ObservedEndpoint};
@@ -67,7 +69,8 @@ pub struct LocalConfig {
     /// Time between SIGTERM and SIGKILL when a replica is stopped.
     pub stop_grace: Duration,
     /// GPUs of this machine that replicas may use, numbered from 0; each replica gets its own
-    /// through `CUDA_VISIBLE_DEVICES`. Detected by the binary, not here.
+    /// through `CUDA_VISIBLE_DEVICES` (empty for a replica that asked for none). With 0, the
+    /// variable is left alone. Detected by the binary, not here.
     pub gpus: u32,
 }
 
@@ -100,6 +103,10 @@ pub struct LocalDriver {
     /// Parent of every replica's stop token: dropping the driver stops its replicas.
     _stop_on_drop: DropGuard,
     stop_all: CancellationToken,
+    /// An exclusive lock on `<state_dir>/lock` for the driver's lifetime: the clean-up in
+    /// `new` would otherwise kill the engines of another budcluster using the same folder. The
+    /// kernel releases it when this process dies, however it dies.
+    _state_lock: Flock<std::fs::File>,
 }
 
 /// What decides the command a replica runs: a change of it replaces every replica, while a
@@ -149,6 +156,7 @@ impl LocalDriver {
                 config.state_dir.display()
             ))
         })?;
+        let state_lock = lock_state_dir(&config.state_dir)?;
         let stopped =
             records::clean_up(&config.state_dir, config.stop_grace).await.map_err(|e| {
                 DriverError::Other(format!(
@@ -170,6 +178,7 @@ impl LocalDriver {
             changes: tokio::sync::Mutex::new(()),
             _stop_on_drop: stop_all.clone().drop_guard(),
             stop_all,
+            _state_lock: state_lock,
         })
     }
 
@@ -213,16 +222,18 @@ impl LocalDriver {
         Ok(observation)
     }
 
-    /// Runs replicas `0..spec.replicas` of `spec.generation`: replicas of another generation
-    /// are all replaced, extras are stopped highest index first, missing ones are started. When
-    /// the endpoint needs more GPUs than other endpoints leave free, nothing changes and
+    /// Runs replicas `0..spec.replicas` for `spec.generation`. Another engine (served name,
+    /// source, engine arguments, GPUs per replica) replaces every replica; a new generation of
+    /// the same engine restarts only the replicas that are not ready; extras are stopped highest
+    /// index first; missing ones are started. Stopped replicas have exited when this returns.
+    /// When the endpoint needs more GPUs than other endpoints leave free, nothing changes and
     /// `observe` reports `InsufficientGpus`.
     pub async fn ensure(&self, spec: &EndpointSpec) -> Result<(), DriverError> {
         let _changing = self.changes.lock().await;
         let leaving = {
             let mut endpoints = self.table();
-            let free =
-                self.context.config.gpus as usize - gpus_held(&endpoints, Some(spec.id)).len();
+            let free = (self.context.config.gpus as usize)
+                .saturating_sub(gpus_held(&endpoints, Some(spec.id)).len());
             let needed = u64::from(spec.gpus_per_replica) * u64::from(spec.replicas);
             let endpoint = endpoints.entry(spec.id).or_insert_with(|| Endpoint {
                 generation: spec.generation,
@@ -245,7 +256,9 @@ impl LocalDriver {
                 // Same engine, newer generation (a scale, a retry, a restart): ready replicas
                 // stay, the others start afresh with their backoff and failure counts reset.
                 let (ready, not_ready): (BTreeMap<_, _>, BTreeMap<_, _>) =
-                    std::mem::take(&mut endpoint.replicas).into_iter().partition(|(_, r)| r.status().ready);
+                    std::mem::take(&mut endpoint.replicas)
+                        .into_iter()
+                        .partition(|(_, r)| r.status().ready);
                 endpoint.replicas = ready;
                 not_ready
             } else {
@@ -321,6 +334,24 @@ impl LocalDriver {
     fn table(&self) -> MutexGuard<'_, HashMap<EndpointId, Endpoint>> {
         lock(&self.endpoints)
     }
+}
+
+/// Takes `<state_dir>/lock`, or says which folder another budcluster holds.
+fn lock_state_dir(state_dir: &Path) -> Result<Flock<std::fs::File>, DriverError> {
+    let path = state_dir.join("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| DriverError::Other(format!("cannot open {}: {e}", path.display())))?;
+    Flock::lock(file, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| {
+        DriverError::Other(format!(
+            "another budcluster runs local replicas from {} ({errno}); stop it or give this one \
+             another state directory",
+            state_dir.display()
+        ))
+    })
 }
 
 /// Stops replicas highest index first, all at once, and returns when every process is gone.

@@ -25,7 +25,12 @@ pub struct SimulatedConfig {
 
 impl Default for SimulatedConfig {
     fn default() -> Self {
-        Self { latency: Duration::from_millis(1), ready_after: Duration::from_millis(50), nodes: 4, gpus: 32 }
+        Self {
+            latency: Duration::from_millis(1),
+            ready_after: Duration::from_millis(50),
+            nodes: 4,
+            gpus: 32,
+        }
     }
 }
 
@@ -58,7 +63,12 @@ impl SimulatedCluster {
 
     pub async fn probe(&self) -> Result<Inventory, DriverError> {
         tokio::time::sleep(self.config.latency).await;
-        Ok(Inventory { nodes: self.config.nodes, gpus_total: self.config.gpus, gpus_allocatable: self.config.gpus, device_plugin_running: true })
+        Ok(Inventory {
+            nodes: self.config.nodes,
+            gpus_total: self.config.gpus,
+            gpus_allocatable: self.config.gpus,
+            device_plugin_running: true,
+        })
     }
 
     pub async fn observe(&self) -> Result<Observation, DriverError> {
@@ -67,7 +77,8 @@ impl SimulatedCluster {
         Ok(table
             .iter()
             .map(|(id, d)| {
-                let ready = if d.since.elapsed() >= self.config.ready_after { d.replicas } else { 0 };
+                let ready =
+                    if d.since.elapsed() >= self.config.ready_after { d.replicas } else { 0 };
                 let seen = ObservedEndpoint {
                     generation: d.generation,
                     replicas: d.replicas,
@@ -84,9 +95,17 @@ impl SimulatedCluster {
         tokio::time::sleep(self.config.latency).await;
         self.changes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut table = self.table();
-        let d = table.entry(spec.id).or_insert(Deployment { generation: spec.generation, replicas: 0, since: Instant::now() });
+        let d = table.entry(spec.id).or_insert(Deployment {
+            generation: spec.generation,
+            replicas: 0,
+            since: Instant::now(),
+        });
         if d.replicas != spec.replicas || d.generation != spec.generation {
-            *d = Deployment { generation: spec.generation, replicas: spec.replicas, since: Instant::now() };
+            *d = Deployment {
+                generation: spec.generation,
+                replicas: spec.replicas,
+                since: Instant::now(),
+            };
         }
         Ok(())
     }
@@ -99,7 +118,11 @@ impl SimulatedCluster {
     }
 
     pub async fn logs(&self, id: EndpointId, _tail: usize) -> Result<String, DriverError> {
-        if self.table().contains_key(&id) { Ok("(a simulated cluster keeps no logs)\n".into()) } else { Err(DriverError::NotFound) }
+        if self.table().contains_key(&id) {
+            Ok("(a simulated cluster keeps no logs)\n".into())
+        } else {
+            Err(DriverError::NotFound)
+        }
     }
 
     pub async fn shutdown(&self) {}

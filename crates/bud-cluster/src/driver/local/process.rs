@@ -17,23 +17,30 @@ pub(super) fn free_port() -> io::Result<u16> {
     Ok(TcpListener::bind(("127.0.0.1", 0))?.local_addr()?.port())
 }
 
-/// Sends `signal` to the process group led by `pid` (replicas are started as group leaders, so
-/// an engine's worker processes get it too), or to `pid` alone when it leads no group.
-pub(super) fn signal_group(pid: u32, signal: Signal) {
-    let Ok(raw) = i32::try_from(pid) else { return };
-    if killpg(Pid::from_raw(raw), signal).is_err() {
-        let _ = kill(Pid::from_raw(raw), signal);
-    }
+/// Sends `signal` to the process group led by `pid`: replicas are started as group leaders, so
+/// an engine's worker processes get it too. False when no such group exists.
+pub(super) fn signal_group(pid: u32, signal: Signal) -> bool {
+    i32::try_from(pid).is_ok_and(|raw| killpg(Pid::from_raw(raw), signal).is_ok())
+}
+
+/// Sends `signal` to `pid` alone.
+pub(super) fn signal_process(pid: u32, signal: Signal) -> bool {
+    i32::try_from(pid).is_ok_and(|raw| kill(Pid::from_raw(raw), signal).is_ok())
 }
 
 /// Stops a child: SIGTERM to its group, up to `grace` for it to exit, then SIGKILL. Returns
 /// once the child has been waited for, with how it ended.
 pub(super) async fn terminate(child: &mut Child, pid: u32, grace: Duration) -> String {
-    signal_group(pid, Signal::SIGTERM);
+    // The child is not waited for yet, so its pid (and group id) cannot have been reused.
+    if !signal_group(pid, Signal::SIGTERM) {
+        signal_process(pid, Signal::SIGTERM);
+    }
     let status = match tokio::time::timeout(grace, child.wait()).await {
         Ok(status) => status,
         Err(_) => {
             signal_group(pid, Signal::SIGKILL);
+            // Kills and waits for the child itself should it have left its group.
+            let _ = child.start_kill();
             child.wait().await
         }
     };

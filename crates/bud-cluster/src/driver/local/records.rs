@@ -113,11 +113,17 @@ pub(super) async fn clean_up(state_dir: &Path, grace: Duration) -> io::Result<us
 
 /// Stops a process that is not our child: we cannot wait for it, so we watch `/proc`.
 async fn stop(pid: u32, grace: Duration) {
-    process::signal_group(pid, Signal::SIGTERM);
+    // A replica leads its process group; a process recorded by other means may not.
+    let signal = |signal| {
+        if !process::signal_group(pid, signal) {
+            process::signal_process(pid, signal);
+        }
+    };
+    signal(Signal::SIGTERM);
     if gone_within(pid, grace).await {
         return;
     }
-    process::signal_group(pid, Signal::SIGKILL);
+    signal(Signal::SIGKILL);
     if !gone_within(pid, Duration::from_secs(5)).await {
         tracing::warn!(pid, "a replica left by a previous budcluster survived SIGKILL");
     }
@@ -163,11 +169,14 @@ mod tests {
     fn a_command_is_recognised_through_scripts_and_shims() {
         let argv = strings(&["vllm", "serve", "m", "--port", "8001"]);
         assert!(same_command(&argv, &argv));
-        let script = strings(&["/usr/bin/python3", "/usr/local/bin/vllm", "serve", "m", "--port", "8001"]);
+        let script =
+            strings(&["/usr/bin/python3", "/usr/local/bin/vllm", "serve", "m", "--port", "8001"]);
         assert!(same_command(&argv, &script));
-        let other_port = strings(&["/usr/bin/python3", "/usr/local/bin/vllm", "serve", "m", "--port", "8002"]);
+        let other_port =
+            strings(&["/usr/bin/python3", "/usr/local/bin/vllm", "serve", "m", "--port", "8002"]);
         assert!(!same_command(&argv, &other_port));
-        let other_program = strings(&["/usr/bin/python3", "/usr/local/bin/sglang", "serve", "m", "--port", "8001"]);
+        let other_program =
+            strings(&["/usr/bin/python3", "/usr/local/bin/sglang", "serve", "m", "--port", "8001"]);
         assert!(!same_command(&argv, &other_program));
         assert!(!same_command(&argv, &strings(&["sleep", "30"])));
         assert!(!same_command(&argv, &[]));

@@ -206,7 +206,8 @@ impl Supervisor {
 
         let outcome = self.watch(&mut child, pid, port, &mut log, output_start).await;
 
-        // An engine's workers may outlive it; they share its process group.
+        // An engine's workers may outlive it; they share its process group. The group id stays
+        // taken while any member lives, so this reaches no one else.
         process::signal_group(pid, Signal::SIGKILL);
         records::remove(&self.record_path);
         self.update(|s| {
