@@ -214,16 +214,22 @@ impl Api {
     }
 }
 
+/// `bud serve` with everything in one process on free ports, and an admin client of it.
+async fn embedded(data: &Path, extra: &[(&str, String)]) -> (Serve, Api) {
+    let (app, cluster) = (free_port(), free_port());
+    let mut env =
+        vec![("BUD_SERVER_APP_PORT", app.to_string()), ("BUD_CLUSTERS_PORT", cluster.to_string())];
+    env.extend(extra.iter().cloned());
+    let serve = Serve::start(data, &[], &env, app);
+    (serve, Api::login(app).await)
+}
+
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
 #[tokio::test]
 async fn endpoint_lifecycle_on_the_local_cluster() {
     let dir = tempfile::tempdir().unwrap();
-    let (app, cluster) = (free_port(), free_port());
-    let env =
-        [("BUD_SERVER_APP_PORT", app.to_string()), ("BUD_CLUSTERS_PORT", cluster.to_string())];
-    let serve = Serve::start(dir.path(), &[], &env, app);
-    let api = Api::login(app).await;
+    let (serve, api) = embedded(dir.path(), &[]).await;
 
     let clusters = api.get("/clusters").await;
     assert_eq!(clusters["data"][0]["name"], "local");
@@ -279,11 +285,7 @@ async fn endpoint_lifecycle_on_the_local_cluster() {
 #[tokio::test]
 async fn illegal_commands_name_the_current_state() {
     let dir = tempfile::tempdir().unwrap();
-    let (app, cluster) = (free_port(), free_port());
-    let env =
-        [("BUD_SERVER_APP_PORT", app.to_string()), ("BUD_CLUSTERS_PORT", cluster.to_string())];
-    let _serve = Serve::start(dir.path(), &[], &env, app);
-    let api = Api::login(app).await;
+    let (_serve, api) = embedded(dir.path(), &[]).await;
     let (project, model) = api.setup().await;
     let id = api.endpoint(&project, &model, "e", json!({})).await;
     api.wait_status(&id, "RUNNING", 1, SECS(30)).await;
@@ -300,19 +302,12 @@ async fn start_failure_is_an_error_and_retry_recovers_once_the_fault_is_cleared(
     let dir = tempfile::tempdir().unwrap();
     let fault = dir.path().join("fault");
     std::fs::write(&fault, "").unwrap();
-    let (app, cluster) = (free_port(), free_port());
     // The engine refuses to start while the fault file exists.
     let command = format!(
         "sh -c 'test -e {} && {{ echo engine cannot start: fault file present >&2; exit 3; }}; exec {BUD} engine-sim --port {{port}} --model {{model}}'",
         fault.display()
     );
-    let env = [
-        ("BUD_SERVER_APP_PORT", app.to_string()),
-        ("BUD_CLUSTERS_PORT", cluster.to_string()),
-        ("BUD_CLUSTERS_LOCAL_COMMAND", command),
-    ];
-    let _serve = Serve::start(dir.path(), &[], &env, app);
-    let api = Api::login(app).await;
+    let (_serve, api) = embedded(dir.path(), &[("BUD_CLUSTERS_LOCAL_COMMAND", command)]).await;
     let (project, model) = api.setup().await;
     let id = api.endpoint(&project, &model, "broken", json!({})).await;
     let e = api.wait(&id, "ERROR", SECS(60), |e| e["status"] == "ERROR").await;
@@ -330,11 +325,7 @@ async fn start_failure_is_an_error_and_retry_recovers_once_the_fault_is_cleared(
 #[tokio::test]
 async fn a_replica_that_crashes_while_running_is_restarted() {
     let dir = tempfile::tempdir().unwrap();
-    let (app, cluster) = (free_port(), free_port());
-    let env =
-        [("BUD_SERVER_APP_PORT", app.to_string()), ("BUD_CLUSTERS_PORT", cluster.to_string())];
-    let _serve = Serve::start(dir.path(), &[], &env, app);
-    let api = Api::login(app).await;
+    let (_serve, api) = embedded(dir.path(), &[]).await;
     let (project, model) = api.setup().await;
     let id = api
         .endpoint(&project, &model, "fragile", json!({"engine_args": ["--crash-after", "2"]}))
@@ -374,11 +365,7 @@ async fn a_replica_that_crashes_while_running_is_restarted() {
 #[tokio::test]
 async fn a_deployment_that_is_not_ready_in_time_is_an_error_timeout() {
     let dir = tempfile::tempdir().unwrap();
-    let (app, cluster) = (free_port(), free_port());
-    let env =
-        [("BUD_SERVER_APP_PORT", app.to_string()), ("BUD_CLUSTERS_PORT", cluster.to_string())];
-    let _serve = Serve::start(dir.path(), &[], &env, app);
-    let api = Api::login(app).await;
+    let (_serve, api) = embedded(dir.path(), &[]).await;
     let (project, model) = api.setup().await;
     let extra =
         json!({"engine_args": ["--start-delay-ms", "120000"], "deployment_timeout_secs": 5});
@@ -405,11 +392,7 @@ fn kubeconfig_to_nowhere() -> String {
 #[tokio::test]
 async fn an_unreachable_cluster_errors_after_retries_and_others_are_unaffected() {
     let dir = tempfile::tempdir().unwrap();
-    let (app, cluster) = (free_port(), free_port());
-    let env =
-        [("BUD_SERVER_APP_PORT", app.to_string()), ("BUD_CLUSTERS_PORT", cluster.to_string())];
-    let _serve = Serve::start(dir.path(), &[], &env, app);
-    let api = Api::login(app).await;
+    let (_serve, api) = embedded(dir.path(), &[]).await;
     let c = api
         .post("/clusters", json!({"name": "gpu-east", "kubeconfig": kubeconfig_to_nowhere()}))
         .await;
@@ -473,6 +456,7 @@ async fn an_unreachable_cluster_errors_after_retries_and_others_are_unaffected()
 #[tokio::test]
 async fn a_crash_mid_deployment_converges_after_restart_with_no_orphans() {
     let dir = tempfile::tempdir().unwrap();
+    // Fixed ports: the restarted process must answer where the first one did.
     let (app, cluster) = (free_port(), free_port());
     let env =
         [("BUD_SERVER_APP_PORT", app.to_string()), ("BUD_CLUSTERS_PORT", cluster.to_string())];
