@@ -138,6 +138,7 @@ async fn seed(args: &ReconcileArgs, store: &Store) -> anyhow::Result<Vec<Cluster
             reason_detail: String::new(),
             status_since: now,
             ready_replicas: 0,
+            addresses: vec![],
             generation: 1,
             created_by: None,
             created_at: now,

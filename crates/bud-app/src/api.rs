@@ -1,14 +1,19 @@
 //! The route table: every handler, registered together with its OpenAPI description so the
-//! document cannot drift from the routes.
+//! document cannot drift from the routes. The one exception is budgateway's internal
+//! configuration route ([`gateway_config`]), which users never call: it is mounted in
+//! [`router`] beside the documented routes.
 
 pub mod audit;
 pub mod auth;
 pub mod clusters;
 pub mod endpoints;
+pub mod gateway_config;
+pub mod gateway_routes;
 pub mod keys;
 pub mod models;
 pub mod projects;
 pub mod system;
+pub mod usage;
 pub mod users;
 
 use std::sync::Arc;
@@ -33,7 +38,7 @@ use bud_telemetry::request_context;
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "budapp", description = "Bud's control-plane API: identity, users, projects, RBAC, models, providers, API keys, clusters, endpoints, audit."),
+    info(title = "budapp", description = "Bud's control-plane API: identity, users, projects, RBAC, models, providers, API keys, clusters, endpoints, gateway routes, usage, audit."),
     modifiers(&BearerScheme),
 )]
 struct ApiDoc;
@@ -93,6 +98,13 @@ pub fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(endpoints::retry_endpoint))
         .routes(routes!(endpoints::endpoint_logs))
         .routes(routes!(endpoints::endpoint_metrics))
+        .routes(routes!(gateway_routes::list_routes, gateway_routes::create_route))
+        .routes(routes!(
+            gateway_routes::get_route,
+            gateway_routes::update_route,
+            gateway_routes::delete_route
+        ))
+        .routes(routes!(usage::usage_summary))
         .routes(routes!(audit::list_audit))
         .routes(routes!(audit::verify_audit))
         .split_for_parts()
@@ -109,6 +121,7 @@ pub fn router(state: AppState) -> Router {
     let doc = Arc::new(doc);
     routes
         .route("/openapi.json", get(move || std::future::ready(axum::Json(doc.as_ref().clone()))))
+        .route(gateway_config::PATH, get(gateway_config::gateway_config))
         .fallback(|| async { ApiError::NotFound("route") })
         .method_not_allowed_fallback(method_not_allowed)
         .layer(CatchPanicLayer::custom(|_| {

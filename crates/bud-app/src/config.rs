@@ -22,6 +22,9 @@ pub struct AppConfig {
     pub providers: ProviderPolicy,
     /// Accept kubeconfigs whose users run commands on this host (`exec`, `auth-provider`).
     pub allow_exec_kubeconfig: bool,
+    /// The shared secret budgateway presents on `GET /internal/gateway/config` when it runs
+    /// apart from budapp; that route refuses every call while this is unset.
+    pub gateway_token: Option<String>,
 }
 
 /// Who issues the tokens budapp accepts.
@@ -66,6 +69,7 @@ impl Default for AppConfig {
             login_per_address_per_minute: 30,
             providers: ProviderPolicy::default(),
             allow_exec_kubeconfig: false,
+            gateway_token: None,
         }
     }
 }

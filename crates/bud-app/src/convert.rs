@@ -2,11 +2,16 @@
 
 use bud_protocol::control::{
     ApiKeyDto, AuditRecordDto, ClusterDto, ClusterEventDto, EndpointDto, EndpointEventDto,
-    GrantDto, InventoryDto, MemberDto, ModelDto, ProjectDto, ProviderDto, UserDto,
+    GrantDto, InventoryDto, MemberDto, ModelDto, ProjectDto, ProviderDto, RouteDto, RouteTargetDto,
+    UsageRowDto, UserDto,
+};
+use bud_protocol::gateway::{
+    GatewayConfigDto, GatewayEndpointDto, GatewayKeyDto, GatewayProviderDto, GatewayRouteDto,
 };
 use bud_store::{
-    ApiKey, AuditRecord, Cluster, ClusterEvent, Endpoint, EndpointEvent, GrantRecord, Member,
-    Model, Project, Provider, User,
+    ApiKey, AuditRecord, Cluster, ClusterEvent, Endpoint, EndpointEvent, GatewayConfigRecord,
+    GrantRecord, Member, Model, Project, Provider, Route, RouteTarget, RouteUpstream,
+    UsageSummaryRow, User,
 };
 use chrono::Utc;
 
@@ -172,5 +177,91 @@ pub fn endpoint(e: Endpoint, events: Vec<EndpointEvent>) -> EndpointDto {
             .collect(),
         created_at: e.created_at,
         updated_at: e.updated_at,
+    }
+}
+
+pub fn route_target(t: RouteTarget) -> RouteTargetDto {
+    let (endpoint_id, provider_id, model) = match t.upstream {
+        RouteUpstream::Endpoint(id) => (Some(id.as_uuid()), None, None),
+        RouteUpstream::Provider { id, model } => (None, Some(id.as_uuid()), Some(model)),
+    };
+    RouteTargetDto { endpoint_id, provider_id, model, weight: i64::from(t.weight) }
+}
+
+pub fn route(r: Route) -> RouteDto {
+    RouteDto {
+        id: r.id.as_uuid(),
+        project_id: r.project_id.as_uuid(),
+        name: r.name.to_string(),
+        targets: r.targets.into_iter().map(route_target).collect(),
+        fallbacks: r.fallbacks.into_iter().map(route_target).collect(),
+        rpm_limit: r.rpm_limit,
+        tpm_limit: r.tpm_limit,
+        created_by: r.created_by.map(|u| u.as_uuid()),
+        created_at: r.created_at,
+        updated_at: r.updated_at,
+    }
+}
+
+pub fn usage_row(r: UsageSummaryRow) -> UsageRowDto {
+    UsageRowDto {
+        group: r.group,
+        requests: r.requests,
+        errors: r.errors,
+        prompt_tokens: r.prompt_tokens,
+        completion_tokens: r.completion_tokens,
+        total_tokens: r.prompt_tokens.saturating_add(r.completion_tokens),
+        avg_latency_ms: r.avg_latency_ms,
+    }
+}
+
+/// The gateway's configuration on the wire; provider keys stay sealed.
+pub fn gateway_config(c: GatewayConfigRecord) -> GatewayConfigDto {
+    GatewayConfigDto {
+        version: c.version,
+        keys: c
+            .keys
+            .into_iter()
+            .map(|k| GatewayKeyDto {
+                id: k.id.as_uuid(),
+                project_id: k.project_id.as_uuid(),
+                hash: k.hash,
+                expires_at: k.expires_at,
+                rpm_limit: k.rpm_limit,
+                tpm_limit: k.tpm_limit,
+            })
+            .collect(),
+        routes: c
+            .routes
+            .into_iter()
+            .map(|r| GatewayRouteDto {
+                id: r.id.as_uuid(),
+                project_id: r.project_id.as_uuid(),
+                name: r.name,
+                targets: r.targets.into_iter().map(route_target).collect(),
+                fallbacks: r.fallbacks.into_iter().map(route_target).collect(),
+                rpm_limit: r.rpm_limit,
+                tpm_limit: r.tpm_limit,
+            })
+            .collect(),
+        endpoints: c
+            .endpoints
+            .into_iter()
+            .map(|e| GatewayEndpointDto {
+                id: e.id.as_uuid(),
+                project_id: e.project_id.as_uuid(),
+                model_name: e.model_name,
+                addresses: e.addresses,
+            })
+            .collect(),
+        providers: c
+            .providers
+            .into_iter()
+            .map(|p| GatewayProviderDto {
+                id: p.id.as_uuid(),
+                base_url: p.base_url,
+                api_key_ciphertext: p.api_key_ciphertext,
+            })
+            .collect(),
     }
 }

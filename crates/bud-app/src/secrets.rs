@@ -1,33 +1,20 @@
-//! Secrets at rest: the associated data that binds each ciphertext to its row, and rotation of
-//! the master key. Rotation is online: every replica is given the new key as active with the old
-//! one still listed, then [`rotate`] reseals what the store holds, then the old key can go.
+//! Secrets at rest: rotation of the master key. Rotation is online: every replica is given the
+//! new key as active with the old one still listed, then [`rotate`] reseals what the store holds,
+//! then the old key can go. The associated data binding each ciphertext to its row is
+//! [`bud_auth::secrets::aad`].
 
 use anyhow::Context;
-use bud_auth::secrets::Keyring;
+use bud_auth::secrets::{Keyring, aad};
 use bud_store::{SealedKind, SealedSecret, Store};
 
 use crate::identity::system_audit;
 
-/// Associated data of a provider's API key.
-pub fn provider_aad(id: impl std::fmt::Display) -> String {
-    format!("provider:{id}")
-}
-
-/// Associated data of a cluster's kubeconfig (the same string budcluster opens it with).
-pub fn kubeconfig_aad(id: impl std::fmt::Display) -> String {
-    format!("kubeconfig:{id}")
-}
-
-/// Associated data of the built-in issuer's private key.
-pub fn signing_key_aad(kid: &str) -> String {
-    format!("signing-key:{kid}")
-}
-
-fn aad(secret: &SealedSecret) -> String {
+/// The associated data `secret` was sealed with.
+fn aad_of(secret: &SealedSecret) -> String {
     match secret.kind {
-        SealedKind::ProviderApiKey => provider_aad(&secret.id),
-        SealedKind::SigningKey => signing_key_aad(&secret.id),
-        SealedKind::Kubeconfig => kubeconfig_aad(&secret.id),
+        SealedKind::ProviderApiKey => aad::provider(&secret.id),
+        SealedKind::SigningKey => aad::signing_key(&secret.id),
+        SealedKind::Kubeconfig => aad::kubeconfig(&secret.id),
     }
 }
 
@@ -51,7 +38,7 @@ pub async fn rotate(store: &Store, keyring: &Keyring) -> anyhow::Result<Rotation
                 report.current += 1;
                 break;
             }
-            let aad = aad(&secret);
+            let aad = aad_of(&secret);
             let plain = keyring.decrypt(&secret.ciphertext, aad.as_bytes()).with_context(|| {
                 format!("opening {aad}: list the key it was sealed with in secrets.master_keys")
             })?;

@@ -132,14 +132,14 @@ async fn builtin_signing_key(
 ) -> anyhow::Result<jwt::SigningKeyPair> {
     let keys = store.signing_keys().await.context("reading signing keys")?;
     if let Some(stored) = keys.iter().find(|k| k.retired_at.is_none()) {
-        let aad = crate::secrets::signing_key_aad(&stored.kid);
+        let aad = bud_auth::secrets::aad::signing_key(&stored.kid);
         let der = keyring.decrypt(&stored.private_key_ciphertext, aad.as_bytes()).context(
             "decrypting the identity signing key: is the master key the one it was sealed with?",
         )?;
         return jwt::signing_key_from_pkcs8(&der).context("reading the identity signing key");
     }
     let pair = jwt::generate_signing_key();
-    let aad = crate::secrets::signing_key_aad(&pair.kid);
+    let aad = bud_auth::secrets::aad::signing_key(&pair.kid);
     let record = SigningKey {
         kid: pair.kid.clone(),
         algorithm: "EdDSA".into(),

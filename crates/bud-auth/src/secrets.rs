@@ -129,6 +129,29 @@ impl Keyring {
     }
 }
 
+/// The associated data that binds each kind of sealed secret to its row. Every service that
+/// seals or opens a secret (budapp seals provider keys and kubeconfigs, budcluster opens
+/// kubeconfigs, budgateway opens provider keys) takes the string from here, so they cannot drift
+/// apart.
+pub mod aad {
+    use std::fmt::Display;
+
+    /// Associated data of a provider's API key: `provider:<id>`.
+    pub fn provider(id: impl Display) -> String {
+        format!("provider:{id}")
+    }
+
+    /// Associated data of a cluster's kubeconfig: `kubeconfig:<id>`.
+    pub fn kubeconfig(id: impl Display) -> String {
+        format!("kubeconfig:{id}")
+    }
+
+    /// Associated data of the built-in issuer's private key: `signing-key:<kid>`.
+    pub fn signing_key(kid: &str) -> String {
+        format!("signing-key:{kid}")
+    }
+}
+
 /// Parse a configuration string `<kid>:<base64 of 32 bytes>`. Standard and URL-safe base64 are
 /// both accepted, padded or not, since operators paste keys from different tools.
 pub fn parse_key_spec(spec: &str) -> Result<(String, [u8; 32]), AuthError> {

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use bud_auth::secrets::Keyring;
+use bud_auth::secrets::{Keyring, aad};
 use bud_domain::ClusterId;
 use bud_store::{Cluster, ClusterKind};
 use tokio::sync::Mutex;
@@ -20,11 +20,6 @@ pub(crate) struct Drivers {
     /// Kubernetes drivers by cluster, with the ciphertext they were built from.
     kubernetes: Mutex<HashMap<ClusterId, (String, Arc<Driver>)>>,
     allow_exec_kubeconfig: bool,
-}
-
-/// Associated data of a cluster's kubeconfig ciphertext; budapp seals with the same string.
-pub fn kubeconfig_aad(id: ClusterId) -> String {
-    format!("kubeconfig:{id}")
 }
 
 impl Drivers {
@@ -68,7 +63,7 @@ impl Drivers {
     async fn build_kubernetes(&self, cluster: &Cluster) -> Option<Driver> {
         let yaml = self
             .keyring
-            .decrypt(&cluster.kubeconfig_ciphertext, kubeconfig_aad(cluster.id).as_bytes())
+            .decrypt(&cluster.kubeconfig_ciphertext, aad::kubeconfig(cluster.id).as_bytes())
             .map_err(|e| tracing::warn!(cluster_id = %cluster.id, error = %e, "cannot open the kubeconfig"))
             .ok()?;
         let yaml = String::from_utf8(yaml).ok()?;

@@ -18,7 +18,6 @@ pub mod service;
 use std::time::Duration;
 
 pub use client::ClusterClient;
-pub use drivers::kubeconfig_aad;
 pub use service::{ClusterError, ClusterService};
 
 /// budcluster's settings; defaults work on one machine.

@@ -19,8 +19,9 @@ pub enum Action {
     Remove { endpoint: EndpointId },
     /// Move the endpoint to another status, if it is still at `change.from` and `generation`.
     Transition { endpoint: EndpointId, change: StatusChange, generation: i64 },
-    /// Record how many replicas answer their health check.
-    SetReady { endpoint: EndpointId, ready: i64 },
+    /// Record how many replicas answer their health check and where they answer (sorted), for
+    /// the gateway.
+    SetReady { endpoint: EndpointId, ready: i64, addresses: Vec<String> },
 }
 
 /// What the reconciler knows about the cluster as a whole this pass.
@@ -64,6 +65,11 @@ fn plan_endpoint(
     out: &mut Vec<Action>,
 ) {
     let ready = seen.map_or(0, |s| i64::from(s.ready));
+    let addresses = seen.map(|s| sorted(&s.addresses)).unwrap_or_default();
+    // Stored addresses are sorted (the store keeps them so); sorted again so an endpoint record
+    // from elsewhere compares the same.
+    let observed_changed = ready != e.ready_replicas || addresses != sorted(&e.addresses);
+    let stored_empty = e.ready_replicas == 0 && e.addresses.is_empty();
     let exists = seen.is_some_and(|s| s.replicas > 0);
     let drifted = match seen {
         None => true,
@@ -93,8 +99,8 @@ fn plan_endpoint(
             if drifted {
                 out.push(Action::Ensure { endpoint: e.id });
             }
-            if ready != e.ready_replicas {
-                out.push(Action::SetReady { endpoint: e.id, ready });
+            if observed_changed {
+                out.push(Action::SetReady { endpoint: e.id, ready, addresses });
             }
             if e.status == EndpointStatus::Deploying {
                 if ready >= e.replicas && !drifted {
@@ -135,16 +141,16 @@ fn plan_endpoint(
                     "stopped",
                 ));
             }
-            if e.ready_replicas != 0 && ready == 0 {
-                out.push(Action::SetReady { endpoint: e.id, ready: 0 });
+            if !stored_empty && ready == 0 {
+                out.push(Action::SetReady { endpoint: e.id, ready: 0, addresses: vec![] });
             }
         }
         EndpointStatus::Stopped | EndpointStatus::Error => {
             if exists {
                 out.push(Action::Remove { endpoint: e.id });
             }
-            if e.ready_replicas != 0 {
-                out.push(Action::SetReady { endpoint: e.id, ready: 0 });
+            if !stored_empty {
+                out.push(Action::SetReady { endpoint: e.id, ready: 0, addresses: vec![] });
             }
         }
     }
@@ -168,6 +174,12 @@ fn plan_blind(e: &Endpoint, now: Timestamp, out: &mut Vec<Action>) {
             &detail,
         ));
     }
+}
+
+fn sorted(addresses: &[String]) -> Vec<String> {
+    let mut sorted = addresses.to_vec();
+    sorted.sort();
+    sorted
 }
 
 fn timed_out(e: &Endpoint, now: Timestamp) -> bool {
@@ -224,11 +236,17 @@ mod tests {
             reason_detail: String::new(),
             status_since: now,
             ready_replicas: ready,
+            addresses: addrs(u32::try_from(ready).unwrap()),
             generation: 1,
             created_by: None,
             created_at: now,
             updated_at: now,
         }
+    }
+
+    /// Addresses of `n` ready replicas, as the drivers report them.
+    fn addrs(n: u32) -> Vec<String> {
+        (0..n).map(|i| format!("10.0.0.{i}:8000")).collect()
     }
 
     fn seen(e: &Endpoint, replicas: u32, ready: u32) -> Observation {
@@ -237,7 +255,7 @@ mod tests {
             replicas,
             ready,
             failure: None,
-            addresses: vec![],
+            addresses: addrs(ready),
         };
         HashMap::from([(e.id, o)])
     }
@@ -267,7 +285,7 @@ mod tests {
         let e = endpoint(EndpointStatus::Deploying, 2, 1);
         let a = plan(std::slice::from_ref(&e), &seen(&e, 2, 2), UP, Utc::now());
         assert_eq!(statuses(&a), vec![EndpointStatus::Running]);
-        assert!(a.contains(&Action::SetReady { endpoint: e.id, ready: 2 }));
+        assert!(a.contains(&Action::SetReady { endpoint: e.id, ready: 2, addresses: addrs(2) }));
         assert!(!a.contains(&Action::Ensure { endpoint: e.id }));
     }
 
@@ -320,7 +338,10 @@ mod tests {
         let a = plan(std::slice::from_ref(&e), &seen(&e, 1, 1), UP, Utc::now());
         assert_eq!(
             a,
-            vec![Action::Ensure { endpoint: e.id }, Action::SetReady { endpoint: e.id, ready: 1 }]
+            vec![
+                Action::Ensure { endpoint: e.id },
+                Action::SetReady { endpoint: e.id, ready: 1, addresses: addrs(1) }
+            ]
         );
     }
 
@@ -347,7 +368,7 @@ mod tests {
         assert_eq!(a, vec![Action::Remove { endpoint: e.id }]);
         let a = plan(std::slice::from_ref(&e), &HashMap::new(), UP, Utc::now());
         assert_eq!(statuses(&a), vec![EndpointStatus::Stopped]);
-        assert!(a.contains(&Action::SetReady { endpoint: e.id, ready: 0 }));
+        assert!(a.contains(&Action::SetReady { endpoint: e.id, ready: 0, addresses: vec![] }));
     }
 
     #[test]
@@ -359,6 +380,37 @@ mod tests {
                 vec![Action::Remove { endpoint: e.id }]
             );
             assert!(plan(std::slice::from_ref(&e), &HashMap::new(), UP, Utc::now()).is_empty());
+        }
+    }
+
+    #[test]
+    fn a_replaced_replica_is_a_change_of_addresses_alone() {
+        let e = endpoint(EndpointStatus::Running, 2, 2);
+        let mut o = seen(&e, 2, 2);
+        o.get_mut(&e.id).unwrap().addresses = vec!["10.0.0.9:8000".into(), "10.0.0.0:8000".into()];
+        let a = plan(std::slice::from_ref(&e), &o, UP, Utc::now());
+        let moved = vec!["10.0.0.0:8000".to_owned(), "10.0.0.9:8000".to_owned()];
+        assert_eq!(a, vec![Action::SetReady { endpoint: e.id, ready: 2, addresses: moved }]);
+    }
+
+    #[test]
+    fn addresses_in_another_order_are_no_change() {
+        let e = endpoint(EndpointStatus::Running, 3, 3);
+        let mut o = seen(&e, 3, 3);
+        o.get_mut(&e.id).unwrap().addresses.reverse();
+        assert!(plan(std::slice::from_ref(&e), &o, UP, Utc::now()).is_empty());
+    }
+
+    #[test]
+    fn endpoints_that_stopped_forget_their_addresses() {
+        for status in [EndpointStatus::Stopped, EndpointStatus::Error, EndpointStatus::Stopping] {
+            let mut e = endpoint(status, 1, 0);
+            e.addresses = addrs(1);
+            let a = plan(std::slice::from_ref(&e), &HashMap::new(), UP, Utc::now());
+            assert!(
+                a.contains(&Action::SetReady { endpoint: e.id, ready: 0, addresses: vec![] }),
+                "{status}: {a:?}"
+            );
         }
     }
 

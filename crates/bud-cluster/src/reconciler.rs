@@ -297,8 +297,8 @@ async fn apply(
                     reason = change.reason.map(FailureReason::as_str).unwrap_or(""), "endpoint status changed");
             }
         }
-        Action::SetReady { endpoint, ready } => {
-            store.set_ready_replicas(endpoint, ready).await?;
+        Action::SetReady { endpoint, ready, addresses } => {
+            store.set_ready_replicas(endpoint, ready, &addresses).await?;
         }
     }
     Ok(())

@@ -98,6 +98,10 @@ id_type!(
     /// A model endpoint: a model deployed with some replicas on a cluster.
     EndpointId, "endpoint"
 );
+id_type!(
+    /// A gateway route: a public model name in a project and the targets it is served by.
+    RouteId, "route"
+);
 
 /// Position of a record in the audit log's hash chain; the first record is 1.
 pub type AuditSeq = i64;

@@ -37,7 +37,8 @@ pub mod validate;
 
 pub use authz::{Access, Decision, Grant, Module, Permission, Role, Subject, Target};
 pub use id::{
-    ApiKeyId, AuditSeq, ClusterId, EndpointId, GrantId, ModelId, ProjectId, ProviderId, UserId,
+    ApiKeyId, AuditSeq, ClusterId, EndpointId, GrantId, ModelId, ProjectId, ProviderId, RouteId,
+    UserId,
 };
 pub use lifecycle::{ClusterStatus, EndpointCommand, EndpointStatus, FailureReason};
 pub use page::{Cursor, Page, PageLimit};

@@ -489,3 +489,116 @@ pub struct EndpointMetricsDto {
     /// The interval the rates were measured over.
     pub window_seconds: f64,
 }
+
+// ---- routes -----------------------------------------------------------------------------------
+
+/// One place a route sends requests: an endpoint of the route's project (`endpoint_id`), or an
+/// external provider (`provider_id`) and the provider's name for the model (`model`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RouteTargetDto {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint_id: Option<Uuid>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider_id: Option<Uuid>,
+    /// Required for a provider target; absent for an endpoint, which serves its own model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Share of traffic among the targets, 1 to 1000; 1 when absent.
+    #[serde(default = "default_weight")]
+    pub weight: i64,
+}
+
+fn default_weight() -> i64 {
+    1
+}
+
+/// A public model name in a project and where its requests go. Every RUNNING endpoint is also
+/// routable under its model's name; a route of that name replaces that implicit route.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct RouteDto {
+    pub id: Uuid,
+    pub project_id: Uuid,
+    /// What clients put in `model`.
+    pub name: String,
+    /// Balanced by weight.
+    pub targets: Vec<RouteTargetDto>,
+    /// Tried in order when every target failed before answering.
+    pub fallbacks: Vec<RouteTargetDto>,
+    /// Requests per minute to this route, the project's keys together, if limited.
+    pub rpm_limit: Option<i64>,
+    /// Tokens per minute to this route, the project's keys together, if limited.
+    pub tpm_limit: Option<i64>,
+    pub created_by: Option<Uuid>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+list!(RouteList, RouteDto);
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRouteRequest {
+    pub name: String,
+    pub targets: Vec<RouteTargetDto>,
+    #[serde(default)]
+    pub fallbacks: Vec<RouteTargetDto>,
+    #[serde(default)]
+    pub rpm_limit: Option<i64>,
+    #[serde(default)]
+    pub tpm_limit: Option<i64>,
+}
+
+/// Absent fields stay as they are; `null` clears a limit.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateRouteRequest {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub targets: Option<Vec<RouteTargetDto>>,
+    #[serde(default)]
+    pub fallbacks: Option<Vec<RouteTargetDto>>,
+    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<i64>)]
+    pub rpm_limit: Option<Option<i64>>,
+    #[serde(default, deserialize_with = "present", skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<i64>)]
+    pub tpm_limit: Option<Option<i64>>,
+}
+
+/// A field that is present, `null` or not: absent fields take the default (`None`) instead.
+fn present<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(deserializer).map(Some)
+}
+
+// ---- usage ------------------------------------------------------------------------------------
+
+/// Usage the gateway metered over a time range, one row per group.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct UsageSummaryDto {
+    /// Inclusive.
+    pub since: DateTime<Utc>,
+    /// Exclusive.
+    pub until: DateTime<Utc>,
+    /// `project`, `key` or `model`.
+    pub group_by: String,
+    pub data: Vec<UsageRowDto>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct UsageRowDto {
+    /// The project id, key id or model name, as `group_by` says.
+    pub group: String,
+    pub requests: i64,
+    /// Requests answered with a status of 400 or more.
+    pub errors: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub total_tokens: i64,
+    pub avg_latency_ms: f64,
+}

@@ -7,5 +7,6 @@
 
 pub mod control;
 pub mod error;
+pub mod gateway;
 
 pub use error::{ErrorBody, ErrorDetail};

@@ -41,6 +41,9 @@ pub struct Endpoint {
     pub status_since: Timestamp,
     /// Replicas the reconciler last saw ready.
     pub ready_replicas: i64,
+    /// `host:port` of each replica the reconciler last saw ready, sorted: where the gateway
+    /// sends this endpoint's requests. Empty once the replicas are gone.
+    pub addresses: Vec<String>,
     /// Bumped by every user change; the reconciler compares it to drop decisions it took on an
     /// older spec.
     pub generation: i64,
@@ -100,10 +103,10 @@ impl Store {
         sqlx::query(
             "INSERT INTO endpoints (id, project_id, model_id, cluster_id, name, replicas, \
              min_replicas, engine_args, gpus_per_replica, deployment_timeout_secs, status, \
-             reason, reason_detail, status_since, ready_replicas, generation, created_by, \
-             created_at, updated_at) \
+             reason, reason_detail, status_since, ready_replicas, addresses, generation, \
+             created_by, created_at, updated_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
-             $18, $19)",
+             $18, $19, $20)",
         )
         .bind(endpoint.id.to_string())
         .bind(endpoint.project_id.to_string())
@@ -120,6 +123,7 @@ impl Store {
         .bind(&endpoint.reason_detail)
         .bind(ms(endpoint.status_since))
         .bind(endpoint.ready_replicas)
+        .bind(json_text(&sorted(&endpoint.addresses)))
         .bind(endpoint.generation)
         .bind(endpoint.created_by.map(|id| id.to_string()))
         .bind(ms(endpoint.created_at))
@@ -299,25 +303,37 @@ impl Store {
         Ok(true)
     }
 
-    /// The reconciler's observation of ready replicas. Writes only when it differs from the
-    /// stored value (a pass that sees nothing new runs no write); returns whether it wrote.
-    /// Leaves updated_at alone: it tracks changes of spec and status, not observations.
-    pub async fn set_ready_replicas(&self, id: EndpointId, ready: i64) -> Result<bool, StoreError> {
-        let stored_ready: Option<i64> =
-            sqlx::query_scalar("SELECT ready_replicas FROM endpoints WHERE id = $1")
+    /// The reconciler's observation of ready replicas and their addresses. Writes only when it
+    /// differs from what is stored (a pass that sees nothing new runs no write); addresses are
+    /// compared as sorted lists and stored sorted. Returns whether it wrote. Leaves updated_at
+    /// alone: it tracks changes of spec and status, not observations.
+    pub async fn set_ready_replicas(
+        &self,
+        id: EndpointId,
+        ready: i64,
+        addresses: &[String],
+    ) -> Result<bool, StoreError> {
+        let addresses = json_text(&sorted(addresses));
+        let current: Option<(i64, String)> =
+            sqlx::query_as("SELECT ready_replicas, addresses FROM endpoints WHERE id = $1")
                 .bind(id.to_string())
                 .fetch_optional(&self.pool)
                 .await?;
-        if stored_ready.is_none_or(|r| r == ready) {
+        let Some((stored_ready, stored_addresses)) = current else { return Ok(false) };
+        let stored_addresses: Vec<String> =
+            stored("endpoints.addresses", from_json(&stored_addresses))?;
+        if stored_ready == ready && json_text(&sorted(&stored_addresses)) == addresses {
             return Ok(false);
         }
         // The condition repeats the comparison: another writer may have got there first.
         self.note_write();
         let written = sqlx::query(
-            "UPDATE endpoints SET ready_replicas = $2 WHERE id = $1 AND ready_replicas <> $2",
+            "UPDATE endpoints SET ready_replicas = $2, addresses = $3 \
+             WHERE id = $1 AND (ready_replicas <> $2 OR addresses <> $3)",
         )
         .bind(id.to_string())
         .bind(ready)
+        .bind(&addresses)
         .execute(&self.pool)
         .await?
         .rows_affected();
@@ -386,8 +402,8 @@ impl Store {
 const ENDPOINT_COLUMNS: &str = "id, project_id, model_id, cluster_id, name, replicas, \
                                 min_replicas, engine_args, gpus_per_replica, \
                                 deployment_timeout_secs, status, reason, reason_detail, \
-                                status_since, ready_replicas, generation, created_by, \
-                                created_at, updated_at";
+                                status_since, ready_replicas, addresses, generation, \
+                                created_by, created_at, updated_at";
 
 #[derive(sqlx::FromRow)]
 struct EndpointRow {
@@ -406,6 +422,7 @@ struct EndpointRow {
     reason_detail: String,
     status_since: i64,
     ready_replicas: i64,
+    addresses: String,
     generation: i64,
     created_by: Option<String>,
     created_at: i64,
@@ -432,12 +449,20 @@ impl TryFrom<EndpointRow> for Endpoint {
             reason_detail: row.reason_detail,
             status_since: stored("endpoints.status_since", timestamp(row.status_since))?,
             ready_replicas: row.ready_replicas,
+            addresses: stored("endpoints.addresses", from_json(&row.addresses))?,
             generation: row.generation,
             created_by: stored("endpoints.created_by", opt_parse(row.created_by.as_deref()))?,
             created_at: stored("endpoints.created_at", timestamp(row.created_at))?,
             updated_at: stored("endpoints.updated_at", timestamp(row.updated_at))?,
         })
     }
+}
+
+/// `addresses` in the order they are stored and compared in.
+fn sorted(addresses: &[String]) -> Vec<String> {
+    let mut sorted = addresses.to_vec();
+    sorted.sort();
+    sorted
 }
 
 #[derive(sqlx::FromRow)]

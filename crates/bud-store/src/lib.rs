@@ -8,22 +8,26 @@
 //! platform state takes the [`AuditEvent`] describing the change and appends it to the hash-chained
 //! audit log in the same transaction, so no change lands without its audit record. What the system
 //! itself observes or coordinates (cluster probes, the reconciler's status changes and ready
-//! replicas, leases) is not audited: cluster and endpoint events record it instead.
+//! replicas, leases) is not audited: cluster and endpoint events record it instead; nor is the
+//! usage the gateway meters, which is data about traffic rather than a change.
 
 mod api_keys;
 mod audit;
 mod clusters;
 mod endpoints;
 mod error;
+mod gateway;
 mod grants;
 mod leases;
 mod models;
 mod projects;
 mod providers;
+mod routes;
 mod row;
 mod sealed;
 pub mod testing;
 mod tokens;
+mod usage;
 mod users;
 
 use std::path::Path;
@@ -45,12 +49,17 @@ pub use clusters::{
 };
 pub use endpoints::{Endpoint, EndpointEvent, EndpointPatch, StatusChange};
 pub use error::StoreError;
+pub use gateway::{
+    GatewayConfigRecord, GatewayEndpoint, GatewayKey, GatewayProvider, GatewayRoute,
+};
 pub use grants::GrantRecord;
 pub use models::{Model, ModelPatch};
 pub use projects::{Member, Project, ProjectPatch};
 pub use providers::{Provider, ProviderPatch};
+pub use routes::{Route, RoutePatch, RouteTarget, RouteUpstream};
 pub use sealed::{SealedKind, SealedSecret};
 pub use tokens::{RefreshToken, SigningKey};
+pub use usage::{UsageFilter, UsageGroup, UsageRow, UsageSummaryRow};
 pub use users::{User, UserPatch};
 
 /// How to reach the database and how long to wait for it.

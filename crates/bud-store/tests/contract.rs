@@ -11,15 +11,17 @@ use std::time::Duration;
 use bud_domain::{
     ApiKeyId, ClusterId, ClusterStatus, Cursor, Email, EndpointId, EndpointStatus, Engine,
     FailureReason, Grant, GrantId, Modality, ModelId, Name, Page, PageLimit, Permission, ProjectId,
-    ProviderId, Role, SourceUri, Timestamp, UserId,
+    ProviderId, Role, RouteId, SourceUri, Timestamp, UserId,
 };
 use bud_store::testing::{TestDatabase, fresh_postgres, fresh_sqlite, postgres_admin_url};
 use bud_store::{
     ApiKey, AuditEvent, AuditFilter, AuditRecord, Backend, Cluster, ClusterKind,
-    DEFAULT_WORKLOADS_NAMESPACE, Endpoint, EndpointEvent, EndpointPatch, GENESIS_HASH, GrantRecord,
-    Inventory, Model, ModelPatch, ProbeRecord, Project, ProjectPatch, Provider, ProviderPatch,
-    RefreshToken, SealedKind, SigningKey, StatusChange, Store, StoreConfig, StoreError, User,
-    UserPatch, audit_hash,
+    DEFAULT_WORKLOADS_NAMESPACE, Endpoint, EndpointEvent, EndpointPatch, GENESIS_HASH,
+    GatewayEndpoint, GatewayKey, GatewayProvider, GatewayRoute, GrantRecord, Inventory, Model,
+    ModelPatch, ProbeRecord, Project, ProjectPatch, Provider, ProviderPatch, RefreshToken, Route,
+    RoutePatch, RouteTarget, RouteUpstream, SealedKind, SigningKey, StatusChange, Store,
+    StoreConfig, StoreError, UsageFilter, UsageGroup, UsageRow, UsageSummaryRow, User, UserPatch,
+    audit_hash,
 };
 use sqlx::Connection;
 
@@ -93,6 +95,10 @@ contract_tests!(
     concurrent_acquirers_of_a_lease_one_wins,
     sealed_kubeconfigs_are_listed_and_resealable,
     a_reconcile_pass_that_changes_nothing_writes_nothing,
+    routes_round_trip_update_and_delete,
+    gateway_config_holds_what_the_gateway_routes_with,
+    config_version_moves_with_every_gateway_change,
+    usage_is_inserted_once_and_summarised,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -1167,6 +1173,7 @@ fn endpoint_record(project: ProjectId, model: ModelId, cluster: ClusterId, n: &s
         reason_detail: String::new(),
         status_since: now(),
         ready_replicas: 0,
+        addresses: vec![],
         generation: 1,
         created_by: None,
         created_at: now(),
@@ -1675,21 +1682,46 @@ async fn set_ready_replicas_writes_only_changes(db: &TestDatabase) {
     let (project, model, cluster) = deployment_target(db).await;
     let endpoint = endpoint_record(project.id, model.id, cluster.id, "chat");
     new_endpoint(db, &endpoint).await;
+    let addrs = |list: &[&str]| list.iter().map(|a| (*a).to_owned()).collect::<Vec<_>>();
 
     let writes = db.writes();
-    assert!(!db.set_ready_replicas(endpoint.id, 0).await.unwrap());
-    assert!(!db.set_ready_replicas(EndpointId::new(), 3).await.unwrap());
+    assert!(!db.set_ready_replicas(endpoint.id, 0, &[]).await.unwrap());
+    assert!(!db.set_ready_replicas(EndpointId::new(), 3, &addrs(&["a:1"])).await.unwrap());
     assert_eq!(db.writes(), writes, "nothing new, nothing written");
-    assert!(db.set_ready_replicas(endpoint.id, 2).await.unwrap());
+    assert!(
+        db.set_ready_replicas(endpoint.id, 2, &addrs(&["10.0.0.2:80", "10.0.0.1:80"]))
+            .await
+            .unwrap()
+    );
     assert_eq!(db.writes(), writes + 1);
     let seen = db.endpoint(endpoint.id).await.unwrap().unwrap();
     assert_eq!(seen.ready_replicas, 2);
+    assert_eq!(seen.addresses, addrs(&["10.0.0.1:80", "10.0.0.2:80"]), "stored sorted");
     assert_eq!(seen.updated_at, endpoint.updated_at, "an observation is not an update");
-    assert!(!db.set_ready_replicas(endpoint.id, 2).await.unwrap());
+    assert!(
+        !db.set_ready_replicas(endpoint.id, 2, &addrs(&["10.0.0.1:80", "10.0.0.2:80"]))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !db.set_ready_replicas(endpoint.id, 2, &addrs(&["10.0.0.2:80", "10.0.0.1:80"]))
+            .await
+            .unwrap(),
+        "the same addresses in another order are no change"
+    );
     assert_eq!(db.writes(), writes + 1);
-    assert!(db.set_ready_replicas(endpoint.id, 1).await.unwrap());
-    assert_eq!(db.endpoint(endpoint.id).await.unwrap().unwrap().ready_replicas, 1);
-    assert_eq!(db.writes(), writes + 2);
+    assert!(
+        db.set_ready_replicas(endpoint.id, 2, &addrs(&["10.0.0.1:80", "10.0.0.3:80"]))
+            .await
+            .unwrap()
+    );
+    assert_eq!(db.writes(), writes + 2, "a replaced replica is a change of addresses alone");
+    assert!(db.set_ready_replicas(endpoint.id, 1, &addrs(&["10.0.0.3:80"])).await.unwrap());
+    let seen = db.endpoint(endpoint.id).await.unwrap().unwrap();
+    assert_eq!((seen.ready_replicas, seen.addresses), (1, addrs(&["10.0.0.3:80"])));
+    assert!(db.set_ready_replicas(endpoint.id, 0, &[]).await.unwrap());
+    assert!(db.endpoint(endpoint.id).await.unwrap().unwrap().addresses.is_empty());
+    assert_eq!(db.writes(), writes + 4);
 }
 
 async fn endpoint_events_are_listed_newest_first(db: &TestDatabase) {
@@ -1832,7 +1864,8 @@ async fn a_reconcile_pass_that_changes_nothing_writes_nothing(db: &TestDatabase)
         new_endpoint(db, &endpoint).await;
         ids.push(endpoint.id);
     }
-    assert!(db.set_ready_replicas(ids[0], 2).await.unwrap());
+    let two = ["10.0.0.1:8000".to_owned(), "10.0.0.2:8000".to_owned()];
+    assert!(db.set_ready_replicas(ids[0], 2, &two).await.unwrap());
 
     // Writes are counted per statement: an audited creation is its insert, its event and
     // the three statements that chain the audit record.
@@ -1851,7 +1884,8 @@ async fn a_reconcile_pass_that_changes_nothing_writes_nothing(db: &TestDatabase)
                 db.endpoint(endpoint.id).await.unwrap();
                 db.endpoint_events(endpoint.id, 10).await.unwrap();
                 let ready = endpoint.ready_replicas;
-                assert!(!db.set_ready_replicas(endpoint.id, ready).await.unwrap());
+                let addresses = &endpoint.addresses;
+                assert!(!db.set_ready_replicas(endpoint.id, ready, addresses).await.unwrap());
             }
         }
         db.list_endpoints(None, None, None, limit(50)).await.unwrap();
@@ -1865,6 +1899,377 @@ async fn a_reconcile_pass_that_changes_nothing_writes_nothing(db: &TestDatabase)
     assert_eq!(db.writes(), writes + 1);
     // Clones share the counter.
     let clone = db.store().clone();
-    assert!(clone.set_ready_replicas(ids[1], 1).await.unwrap());
+    assert!(clone.set_ready_replicas(ids[1], 1, &two[..1]).await.unwrap());
     assert_eq!(db.writes(), writes + 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The gateway: routes, its configuration and version, usage
+
+fn provider_record(provider_name: &str) -> Provider {
+    Provider {
+        id: ProviderId::new(),
+        name: name(provider_name),
+        base_url: format!("https://{provider_name}.example.com/v1"),
+        api_key_ciphertext: format!("sealed-{provider_name}"),
+        created_by: None,
+        created_at: now(),
+        updated_at: now(),
+    }
+}
+
+fn route_record(project: ProjectId, route_name: &str, targets: Vec<RouteTarget>) -> Route {
+    Route {
+        id: RouteId::new(),
+        project_id: project,
+        name: name(route_name),
+        targets,
+        fallbacks: vec![],
+        rpm_limit: None,
+        tpm_limit: None,
+        created_by: None,
+        created_at: now(),
+        updated_at: now(),
+    }
+}
+
+fn to_endpoint(id: EndpointId, weight: u32) -> RouteTarget {
+    RouteTarget { upstream: RouteUpstream::Endpoint(id), weight }
+}
+
+fn to_provider(id: ProviderId, model: &str, weight: u32) -> RouteTarget {
+    RouteTarget { upstream: RouteUpstream::Provider { id, model: model.to_owned() }, weight }
+}
+
+async fn routes_round_trip_update_and_delete(db: &TestDatabase) {
+    let (project, model, cluster) = deployment_target(db).await;
+    let other = new_project(db, "beta", None).await;
+    let endpoint = endpoint_record(project.id, model.id, cluster.id, "chat");
+    new_endpoint(db, &endpoint).await;
+    let openai = provider_record("openai");
+    db.create_provider(&openai, &event("provider.create", "provider", openai.id)).await.unwrap();
+
+    let mut route = route_record(project.id, "llama", vec![to_endpoint(endpoint.id, 3)]);
+    route.fallbacks = vec![to_provider(openai.id, "gpt-4o-mini", 1)];
+    route.rpm_limit = Some(600);
+    let audit = event("route.create", "route", route.id);
+    let before = audit_count(db).await;
+    db.create_route(&route, &audit).await.unwrap();
+    assert_eq!(audit_count(db).await, before + 1, "audited");
+    assert_eq!(db.route(route.id).await.unwrap(), Some(route.clone()));
+    assert_eq!(db.route(RouteId::new()).await.unwrap(), None);
+
+    let mut same_name = route_record(project.id, "llama", vec![to_endpoint(endpoint.id, 1)]);
+    assert_conflict(
+        db.create_route(&same_name, &audit).await,
+        "a route with this name already exists in the project",
+    );
+    same_name.project_id = other.id;
+    db.create_route(&same_name, &audit).await.unwrap();
+    let orphan = route_record(ProjectId::new(), "x", vec![to_endpoint(endpoint.id, 1)]);
+    assert_reference(db.create_route(&orphan, &audit).await, "the project does not exist");
+
+    let mut more = vec![route.clone()];
+    for i in 0..3 {
+        let r = route_record(project.id, &format!("r{i}"), vec![to_provider(openai.id, "m", 1)]);
+        db.create_route(&r, &audit).await.unwrap();
+        more.push(r);
+    }
+    let pages =
+        all_pages(async |c| db.list_routes(project.id, c.as_ref(), limit(2)).await.unwrap()).await;
+    assert_eq!(pages.len(), 2);
+    assert_eq!(pages.concat(), more, "the project's routes only, oldest first");
+
+    // A patch changes what it names; a limit can be cleared.
+    let patch = RoutePatch {
+        targets: Some(vec![to_endpoint(endpoint.id, 1), to_provider(openai.id, "gpt-4o", 2)]),
+        rpm_limit: Some(None),
+        tpm_limit: Some(Some(10_000)),
+        ..RoutePatch::default()
+    };
+    let later = ts(ms_of(route.updated_at) + 1000);
+    let updated = db.update_route(route.id, &patch, later, &audit).await.unwrap().unwrap();
+    assert_eq!(updated.targets, patch.targets.clone().unwrap());
+    assert_eq!(updated.fallbacks, route.fallbacks, "untouched");
+    assert_eq!((updated.rpm_limit, updated.tpm_limit), (None, Some(10_000)));
+    assert_eq!((updated.name.clone(), updated.updated_at), (route.name.clone(), later));
+    let untouched = db
+        .update_route(
+            route.id,
+            &RoutePatch { name: Some(name("llama-3")), ..RoutePatch::default() },
+            later,
+            &audit,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(untouched.tpm_limit, Some(10_000), "absent limits stay");
+    assert_conflict(
+        db.update_route(
+            route.id,
+            &RoutePatch { name: Some(name("r0")), ..RoutePatch::default() },
+            later,
+            &audit,
+        )
+        .await,
+        "a route with this name already exists in the project",
+    );
+    assert_eq!(db.update_route(RouteId::new(), &patch, later, &audit).await.unwrap(), None);
+
+    let before = audit_count(db).await;
+    assert!(db.delete_route(route.id, &audit).await.unwrap());
+    assert!(!db.delete_route(route.id, &audit).await.unwrap());
+    assert_eq!(audit_count(db).await, before + 1);
+    assert_eq!(db.route(route.id).await.unwrap(), None);
+
+    // Routes go with their project.
+    let audit = event("project.delete", "project", other.id);
+    assert!(db.delete_project(other.id, &audit).await.unwrap());
+    assert_eq!(db.route(same_name.id).await.unwrap(), None);
+}
+
+fn ms_of(at: Timestamp) -> i64 {
+    at.timestamp_millis()
+}
+
+/// The configuration holds active keys, every route, RUNNING endpoints with their model's name
+/// and addresses, and providers with their sealed keys.
+async fn gateway_config_holds_what_the_gateway_routes_with(db: &TestDatabase) {
+    let (project, model, cluster) = deployment_target(db).await;
+    let mut running = endpoint_record(project.id, model.id, cluster.id, "running");
+    running.status = EndpointStatus::Running;
+    running.addresses = vec!["10.0.0.2:8000".to_owned(), "10.0.0.1:8000".to_owned()];
+    new_endpoint(db, &running).await;
+    let pending = endpoint_record(project.id, model.id, cluster.id, "pending");
+    new_endpoint(db, &pending).await;
+    let active = api_key_record(project.id, "hash-active");
+    let mut expired = api_key_record(project.id, "hash-expired");
+    expired.expires_at = Some(ts(1_000));
+    let revoked = api_key_record(project.id, "hash-revoked");
+    for key in [&active, &expired, &revoked] {
+        db.create_api_key(key, &event("key.create", "api_key", key.id)).await.unwrap();
+    }
+    db.revoke_api_key(revoked.id, now(), &event("key.revoke", "api_key", revoked.id))
+        .await
+        .unwrap();
+    let openai = provider_record("openai");
+    db.create_provider(&openai, &event("provider.create", "provider", openai.id)).await.unwrap();
+    let route = route_record(project.id, "chat", vec![to_provider(openai.id, "gpt-4o", 1)]);
+    db.create_route(&route, &event("route.create", "route", route.id)).await.unwrap();
+
+    let config = db.gateway_config().await.unwrap();
+    assert_eq!(config.version, db.config_version().await.unwrap());
+    let hashes: Vec<&str> = config.keys.iter().map(|k| k.hash.as_str()).collect();
+    assert_eq!(hashes, ["hash-active", "hash-expired"], "revoked keys are absent");
+    assert_eq!(
+        config.keys[0],
+        GatewayKey {
+            id: active.id,
+            project_id: project.id,
+            hash: "hash-active".to_owned(),
+            expires_at: active.expires_at,
+            rpm_limit: Some(60),
+            tpm_limit: None,
+        }
+    );
+    assert_eq!(
+        config.endpoints,
+        vec![GatewayEndpoint {
+            id: running.id,
+            project_id: project.id,
+            model_name: "llama".to_owned(),
+            addresses: vec!["10.0.0.1:8000".to_owned(), "10.0.0.2:8000".to_owned()],
+        }],
+        "RUNNING endpoints only"
+    );
+    assert_eq!(
+        config.providers,
+        vec![GatewayProvider {
+            id: openai.id,
+            base_url: openai.base_url.clone(),
+            api_key_ciphertext: "sealed-openai".to_owned(),
+        }]
+    );
+    assert_eq!(
+        config.routes,
+        vec![GatewayRoute {
+            id: route.id,
+            project_id: project.id,
+            name: "chat".to_owned(),
+            targets: route.targets.clone(),
+            fallbacks: vec![],
+            rpm_limit: None,
+            tpm_limit: None,
+        }]
+    );
+}
+
+/// Every change the snapshot depends on moves the version; changes it does not depend on, and
+/// reads, leave it.
+async fn config_version_moves_with_every_gateway_change(db: &TestDatabase) {
+    let (project, model, cluster) = deployment_target(db).await;
+    let mut version = db.config_version().await.unwrap();
+    let mut moved = async |what: &str, expected: bool| {
+        let now_version = db.config_version().await.unwrap();
+        assert_eq!(now_version != version, expected, "{what}: {version} -> {now_version}");
+        version = now_version;
+    };
+
+    let endpoint = endpoint_record(project.id, model.id, cluster.id, "chat");
+    new_endpoint(db, &endpoint).await;
+    moved("endpoint created", true).await;
+    db.gateway_config().await.unwrap();
+    moved("a read", false).await;
+    let change = change(EndpointStatus::Pending, EndpointStatus::Deploying, 1, "deploying");
+    assert!(db.transition_endpoint(endpoint.id, &change, None, None).await.unwrap());
+    moved("status change", true).await;
+    assert!(db.set_ready_replicas(endpoint.id, 1, &[]).await.unwrap());
+    moved("a ready count alone", false).await;
+    assert!(db.set_ready_replicas(endpoint.id, 1, &["10.0.0.1:80".to_owned()]).await.unwrap());
+    moved("addresses", true).await;
+    let patch = EndpointPatch { replicas: Some(3), min_replicas: None };
+    db.update_endpoint(
+        endpoint.id,
+        &patch,
+        now(),
+        &event("endpoint.scale", "endpoint", endpoint.id),
+    )
+    .await
+    .unwrap();
+    moved("a spec change", false).await;
+
+    let audit = event("model.update", "model", model.id);
+    let describe = ModelPatch { description: Some("d".into()), ..ModelPatch::default() };
+    db.update_model(model.id, &describe, now(), &audit).await.unwrap();
+    moved("a model description", false).await;
+    let rename = ModelPatch { name: Some(name("llama-3")), ..ModelPatch::default() };
+    db.update_model(model.id, &rename, now(), &audit).await.unwrap();
+    moved("a model rename", true).await;
+
+    let key = api_key_record(project.id, "hash");
+    db.create_api_key(&key, &event("key.create", "api_key", key.id)).await.unwrap();
+    moved("key created", true).await;
+    db.revoke_api_key(key.id, now(), &event("key.revoke", "api_key", key.id)).await.unwrap();
+    moved("key revoked", true).await;
+    db.revoke_api_key(key.id, now(), &event("key.revoke", "api_key", key.id)).await.unwrap();
+    moved("key revoked again", false).await;
+
+    let provider = provider_record("openai");
+    let audit = event("provider.create", "provider", provider.id);
+    db.create_provider(&provider, &audit).await.unwrap();
+    moved("provider created", true).await;
+    let rotate =
+        ProviderPatch { api_key_ciphertext: Some("new".into()), ..ProviderPatch::default() };
+    db.update_provider(provider.id, &rotate, now(), &audit).await.unwrap();
+    moved("provider key changed", true).await;
+
+    let route = route_record(project.id, "chat", vec![to_provider(provider.id, "m", 1)]);
+    let audit = event("route.create", "route", route.id);
+    db.create_route(&route, &audit).await.unwrap();
+    moved("route created", true).await;
+    let patch = RoutePatch { rpm_limit: Some(Some(5)), ..RoutePatch::default() };
+    db.update_route(route.id, &patch, now(), &audit).await.unwrap();
+    moved("route changed", true).await;
+    db.delete_route(route.id, &audit).await.unwrap();
+    moved("route deleted", true).await;
+    db.delete_provider(provider.id, &audit).await.unwrap();
+    moved("provider deleted", true).await;
+
+    // A project's keys and routes go with it.
+    let other = new_project(db, "beta", None).await;
+    moved("a project alone", false).await;
+    let key = api_key_record(other.id, "hash-beta");
+    db.create_api_key(&key, &event("key.create", "api_key", key.id)).await.unwrap();
+    moved("key created", true).await;
+    db.delete_project(other.id, &event("project.delete", "project", other.id)).await.unwrap();
+    moved("project with a key deleted", true).await;
+}
+
+async fn usage_is_inserted_once_and_summarised(db: &TestDatabase) {
+    let project = ProjectId::new();
+    let other = ProjectId::new();
+    let (k1, k2) = (ApiKeyId::new(), ApiKeyId::new());
+    let row = |at: i64, project: ProjectId, key: ApiKeyId, model: &str, status: i64| UsageRow {
+        id: uuid::Uuid::new_v4(),
+        at: ts(at),
+        key_id: key,
+        project_id: project,
+        model: model.to_owned(),
+        route: "endpoint:e".to_owned(),
+        target: "replica:e/10.0.0.1:80".to_owned(),
+        prompt_tokens: 10,
+        completion_tokens: 5,
+        latency_ms: 100 + at % 100,
+        status,
+    };
+    let rows = vec![
+        row(1_000, project, k1, "llama", 200),
+        row(1_010, project, k1, "llama", 500),
+        row(1_020, project, k2, "gpt", 200),
+        row(1_030, other, k2, "llama", 429),
+        row(5_000, project, k1, "llama", 200),
+    ];
+    assert_eq!(db.insert_usage(&[]).await.unwrap(), 0);
+    let writes = db.writes();
+    assert_eq!(db.insert_usage(&rows).await.unwrap(), 5);
+    assert_eq!(db.writes(), writes + 1, "one statement per batch");
+    assert_eq!(db.insert_usage(&rows[..3]).await.unwrap(), 0, "a batch written twice counts once");
+    let mut mixed = rows[..1].to_vec();
+    mixed.push(row(1_040, project, k1, "llama", 200));
+    assert_eq!(db.insert_usage(&mixed).await.unwrap(), 1);
+
+    // Above one statement's rows, still one transaction.
+    let many: Vec<UsageRow> = (0..1_200).map(|i| row(10_000 + i, other, k1, "bulk", 200)).collect();
+    assert_eq!(db.insert_usage(&many).await.unwrap(), 1_200);
+
+    let filter = UsageFilter {
+        since: ts(1_000),
+        until: ts(2_000),
+        project: None,
+        key: None,
+        model: None,
+        group_by: UsageGroup::Model,
+    };
+    let by_model = db.usage_summary(&filter).await.unwrap();
+    assert_eq!(
+        by_model,
+        vec![
+            UsageSummaryRow {
+                group: "gpt".into(),
+                requests: 1,
+                errors: 0,
+                prompt_tokens: 10,
+                completion_tokens: 5,
+                avg_latency_ms: 120.0,
+            },
+            UsageSummaryRow {
+                group: "llama".into(),
+                requests: 4,
+                errors: 2,
+                prompt_tokens: 40,
+                completion_tokens: 20,
+                avg_latency_ms: (100.0 + 110.0 + 130.0 + 140.0) / 4.0,
+            },
+        ],
+        "since inclusive, until exclusive"
+    );
+    let in_project =
+        UsageFilter { project: Some(project), group_by: UsageGroup::Key, ..filter.clone() };
+    let by_key = db.usage_summary(&in_project).await.unwrap();
+    let mut expected = vec![(k1.to_string(), 3, 1), (k2.to_string(), 1, 0)];
+    expected.sort();
+    let got: Vec<(String, i64, i64)> =
+        by_key.iter().map(|r| (r.group.clone(), r.requests, r.errors)).collect();
+    assert_eq!(got, expected);
+    let one = UsageFilter {
+        key: Some(k2),
+        model: Some("llama".into()),
+        group_by: UsageGroup::Project,
+        ..filter.clone()
+    };
+    let by_project = db.usage_summary(&one).await.unwrap();
+    assert_eq!(by_project.len(), 1);
+    assert_eq!((by_project[0].group.clone(), by_project[0].requests), (other.to_string(), 1));
+    let nothing = UsageFilter { since: ts(3_000), until: ts(4_000), ..filter };
+    assert!(db.usage_summary(&nothing).await.unwrap().is_empty());
 }

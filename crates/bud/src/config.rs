@@ -333,6 +333,9 @@ impl Config {
                 allowed_hosts: self.providers.allowed_hosts.clone(),
             },
             allow_exec_kubeconfig: self.clusters.allow_exec_kubeconfig,
+            // Served once `bud serve` runs budgateway apart from budapp and has a setting for
+            // the shared token; the embedded gateway reads the store directly.
+            gateway_token: None,
         })
     }
 

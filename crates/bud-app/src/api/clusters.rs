@@ -47,7 +47,9 @@ fn namespace(value: Option<String>) -> ApiResult<String> {
 
 fn seal(state: &AppState, id: ClusterId, kubeconfig: &str) -> ApiResult<String> {
     validate_kubeconfig(kubeconfig, state.config.allow_exec_kubeconfig)?;
-    Ok(state.keyring.encrypt(kubeconfig.as_bytes(), bud_cluster::kubeconfig_aad(id).as_bytes()))
+    Ok(state
+        .keyring
+        .encrypt(kubeconfig.as_bytes(), bud_auth::secrets::aad::kubeconfig(id).as_bytes()))
 }
 
 /// Registered clusters.

@@ -160,6 +160,7 @@ pub async fn create_endpoint(
         reason_detail: String::new(),
         status_since: now,
         ready_replicas: 0,
+        addresses: vec![],
         generation: 1,
         created_by: Some(caller.user.id),
         created_at: now,

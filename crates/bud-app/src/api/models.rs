@@ -166,7 +166,7 @@ fn seal_provider_key(state: &AppState, id: ProviderId, key: Option<&str>) -> Api
             Err(ValidationError::new("api_key", "must be at most 4096 characters").into())
         }
         Some(k) => {
-            Ok(state.keyring.encrypt(k.as_bytes(), crate::secrets::provider_aad(id).as_bytes()))
+            Ok(state.keyring.encrypt(k.as_bytes(), bud_auth::secrets::aad::provider(id).as_bytes()))
         }
     }
 }

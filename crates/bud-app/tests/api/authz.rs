@@ -85,6 +85,19 @@ const MATRIX: &[Row] = &[
     ("GET", "/endpoints/{endpoint_foreign}/logs", FOREIGN),
     ("GET", "/endpoints/{endpoint_own}/metrics", ALL),
     ("GET", "/endpoints/{endpoint_foreign}/metrics", FOREIGN),
+    ("GET", "/projects/{own}/routes", ALL),
+    ("GET", "/projects/{foreign}/routes", FOREIGN),
+    ("POST", "/projects/{own}/routes", ALL_BUT_TESTER),
+    ("POST", "/projects/{foreign}/routes", FOREIGN),
+    ("GET", "/routes/{route_own}", ALL),
+    ("GET", "/routes/{route_foreign}", FOREIGN),
+    ("PATCH", "/routes/{route_own}", ALL_BUT_TESTER),
+    ("PATCH", "/routes/{route_foreign}", FOREIGN),
+    ("DELETE", "/routes/{fresh_route_own}", ALL_BUT_TESTER),
+    ("DELETE", "/routes/{fresh_route_foreign}", FOREIGN),
+    ("GET", "/usage?project_id={own}", ALL),
+    ("GET", "/usage?project_id={foreign}", FOREIGN),
+    ("GET", "/usage", ADMIN_ONLY),
     ("GET", "/audit", ADMIN_ONLY),
     ("GET", "/audit/verify", ADMIN_ONLY),
 ];
@@ -135,6 +148,8 @@ struct Fixture {
     key_foreign: String,
     model: String,
     provider: String,
+    route_own: String,
+    route_foreign: String,
 }
 
 async fn created(app: &TestApp, path: &str, body: Value) -> String {
@@ -165,8 +180,18 @@ async fn resolve(
         ("{cluster}", fx.cluster.clone()),
         ("{endpoint_own}", fx.endpoint_own.clone()),
         ("{endpoint_foreign}", fx.endpoint_foreign.clone()),
+        ("{route_own}", fx.route_own.clone()),
+        ("{route_foreign}", fx.route_foreign.clone()),
     ] {
         path = path.replace(name, &value);
+    }
+    for (name, project) in [("{fresh_route_own}", &fx.own), ("{fresh_route_foreign}", &fx.foreign)]
+    {
+        if path.contains(name) {
+            let body = route_body(&fx.provider, *n);
+            let id = created(app, &format!("/projects/{project}/routes"), body).await;
+            path = path.replace(name, &id);
+        }
     }
     // `?in=` only tells the table which project the body names.
     if let Some((bare, _)) = path.split_once("?in=") {
@@ -253,9 +278,15 @@ fn body_for(method: &str, template: &str, fx: &Fixture, n: u32) -> Option<Value>
             endpoint_body(&fx.foreign_project, &fx.model, &fx.cluster, n)
         }
         ("PATCH", t) if t.starts_with("/endpoints") => json!({"replicas": 2}),
+        ("POST", t) if t.ends_with("/routes") => route_body(&fx.provider, n),
+        ("PATCH", t) if t.starts_with("/routes") => json!({"rpm_limit": 60}),
         _ => return None,
     };
     Some(body)
+}
+
+fn route_body(provider: &str, n: u32) -> Value {
+    json!({"name": format!("route-{n}"), "targets": [{"provider_id": provider, "model": "gpt-4o"}]})
 }
 
 fn endpoint_body(project: &str, model: &str, cluster: &str, n: u32) -> Value {
@@ -295,6 +326,13 @@ async fn matrix(app: &TestApp) {
         created(app, "/endpoints", endpoint_body(&own, &model, &cluster, 1000)).await;
     let endpoint_foreign =
         created(app, "/endpoints", endpoint_body(&foreign, &model, &cluster, 1001)).await;
+    let provider =
+        created(app, "/providers", json!({"name": "openai", "base_url": "https://8.8.8.8/v1"}))
+            .await;
+    let route_own =
+        created(app, &format!("/projects/{own}/routes"), route_body(&provider, 1000)).await;
+    let route_foreign =
+        created(app, &format!("/projects/{foreign}/routes"), route_body(&provider, 1001)).await;
     let fx = Fixture {
         own_project: own.clone(),
         foreign_project: foreign.clone(),
@@ -309,12 +347,9 @@ async fn matrix(app: &TestApp) {
         )
         .await,
         model,
-        provider: created(
-            app,
-            "/providers",
-            json!({"name": "openai", "base_url": "https://8.8.8.8/v1"}),
-        )
-        .await,
+        provider,
+        route_own,
+        route_foreign,
         own,
         foreign,
         other_user,

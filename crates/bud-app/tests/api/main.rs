@@ -3,6 +3,7 @@
 //! (when `BUD_TEST_POSTGRES_URL` is set) on PostgreSQL.
 
 mod authz;
+mod gateway;
 mod identity;
 mod newcomer;
 mod oidc;

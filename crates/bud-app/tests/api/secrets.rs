@@ -32,9 +32,9 @@ async fn master_key_rotation_reseals_every_secret(app: &TestApp) {
     let only_new = Keyring::new("k2", vec![("k2".into(), new_key)]).unwrap();
     for s in app.state.store.sealed_secrets().await.unwrap() {
         let aad = match s.kind {
-            SealedKind::ProviderApiKey => bud_app::secrets::provider_aad(&s.id),
-            SealedKind::SigningKey => bud_app::secrets::signing_key_aad(&s.id),
-            SealedKind::Kubeconfig => bud_app::secrets::kubeconfig_aad(&s.id),
+            SealedKind::ProviderApiKey => bud_auth::secrets::aad::provider(&s.id),
+            SealedKind::SigningKey => bud_auth::secrets::aad::signing_key(&s.id),
+            SealedKind::Kubeconfig => bud_auth::secrets::aad::kubeconfig(&s.id),
         };
         only_new.decrypt(&s.ciphertext, aad.as_bytes()).unwrap();
     }

@@ -1,0 +1,11 @@
+//! budgateway end to end: the gateway on port 0 in front of fake OpenAI upstreams.
+
+mod fake_upstream;
+mod harness;
+
+mod auth_and_routing;
+mod failures;
+mod limits;
+mod resilience;
+mod service;
+mod streaming;
