@@ -25,6 +25,7 @@ pub struct Config {
     pub providers: Providers,
     pub login: Login,
     pub clusters: Clusters,
+    pub gateway: Gateway,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -98,6 +99,27 @@ pub struct Providers {
     pub allowed_hosts: Vec<String>,
 }
 
+/// budgateway: the OpenAI-compatible data plane.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Gateway {
+    pub port: u16,
+    /// Shared secret between budapp and gateways running apart (`serve --only gateway`), which
+    /// read their configuration from budapp's internal route with it.
+    pub token: Option<String>,
+    /// budapp's base URL, for a gateway running alone.
+    pub app_url: Option<String>,
+    /// How often the gateway looks for configuration changes (revocations arrive this fast).
+    pub refresh_ms: u64,
+    /// How long the gateway keeps serving its last configuration when it cannot refresh it.
+    pub stale_window_secs: u64,
+    pub try_timeout_secs: u64,
+    pub overall_timeout_secs: u64,
+    /// Proxies for external providers (the guide's §7.2); replicas are reached directly.
+    pub http_proxy: Option<String>,
+    pub https_proxy: Option<String>,
+    pub no_proxy: Option<String>,
+}
+
 /// budcluster: where budapp reaches it, and how it reconciles.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Clusters {
@@ -158,6 +180,18 @@ impl Default for Config {
             log: Log { format: "json".into(), level: "info".into() },
             providers: Providers::default(),
             login: Login { per_account_per_minute: 10, per_address_per_minute: 30 },
+            gateway: Gateway {
+                port: 3000,
+                token: None,
+                app_url: None,
+                refresh_ms: 500,
+                stale_window_secs: 300,
+                try_timeout_secs: 30,
+                overall_timeout_secs: 120,
+                http_proxy: None,
+                https_proxy: None,
+                no_proxy: None,
+            },
             clusters: Clusters {
                 url: None,
                 token: None,
@@ -254,6 +288,17 @@ impl Config {
         if self.identity.access_token_ttl_secs < 60 {
             bail!("identity.access_token_ttl_secs must be at least 60");
         }
+        if self.gateway.refresh_ms < 50
+            || self.gateway.try_timeout_secs == 0
+            || self.gateway.overall_timeout_secs == 0
+        {
+            bail!(
+                "gateway.refresh_ms must be at least 50, gateway.try_timeout_secs and gateway.overall_timeout_secs at least 1"
+            );
+        }
+        if let Some(u) = &self.gateway.app_url {
+            url::Url::parse(u).with_context(|| format!("gateway.app_url `{u}` is not a URL"))?;
+        }
         if let Some(u) = &self.clusters.url {
             url::Url::parse(u).with_context(|| format!("clusters.url `{u}` is not a URL"))?;
         }
@@ -335,8 +380,21 @@ impl Config {
             allow_exec_kubeconfig: self.clusters.allow_exec_kubeconfig,
             // Served once `bud serve` runs budgateway apart from budapp and has a setting for
             // the shared token; the embedded gateway reads the store directly.
-            gateway_token: None,
+            gateway_token: self.gateway.token.clone(),
         })
+    }
+
+    pub fn gateway_config(&self) -> bud_gateway::GatewayConfig {
+        let g = &self.gateway;
+        bud_gateway::GatewayConfig {
+            try_timeout: Duration::from_secs(g.try_timeout_secs),
+            overall_timeout: Duration::from_secs(g.overall_timeout_secs),
+            stale_window: Duration::from_secs(g.stale_window_secs),
+            http_proxy: g.http_proxy.clone(),
+            https_proxy: g.https_proxy.clone(),
+            no_proxy: g.no_proxy.clone(),
+            ..bud_gateway::GatewayConfig::default()
+        }
     }
 
     /// budcluster's settings; `bud` is this binary, for the default local engine command.

@@ -19,6 +19,8 @@ pub enum Only {
     App,
     /// budcluster alone: the reconciler, the drivers and its internal API.
     Cluster,
+    /// budgateway alone: configuration from budapp (gateway.app_url, gateway.token).
+    Gateway,
 }
 
 pub async fn serve(
@@ -32,6 +34,62 @@ pub async fn serve(
     let keyring = load_keyring(&config)?;
     let shutdown = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
+
+    // Usage records are flushed after the gateway has finished its requests in flight.
+    let meter_shutdown = CancellationToken::new();
+    let mut meter_task = None;
+    if only.is_none() || only == Some(Only::Gateway) {
+        let sink = std::sync::Arc::new(bud_gateway::store_sink::StoreSink(store.clone()));
+        let (meter, writer) = bud_gateway::metering::Meter::new(
+            bud_gateway::metering::MeterConfig::default(),
+            sink,
+            meter_shutdown.clone(),
+        );
+        meter_task = Some(tokio::spawn(writer));
+        let gateway = bud_gateway::Gateway::try_new(
+            config.gateway_config(),
+            meter,
+            bud_telemetry::metrics_handle(),
+        )
+        .context(
+            "gateway configuration (gateway.http_proxy, gateway.https_proxy, gateway.no_proxy)",
+        )?;
+        let source = if only == Some(Only::Gateway) {
+            let url = config
+                .gateway
+                .app_url
+                .clone()
+                .context("gateway.app_url is required with --only gateway")?;
+            let token = config
+                .gateway
+                .token
+                .clone()
+                .context("gateway.token is required with --only gateway")?;
+            let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?;
+            bud_gateway::source::SnapshotSource::ControlPlane { url, token, http }
+        } else {
+            bud_gateway::source::SnapshotSource::Store(store.clone())
+        };
+        tasks.spawn(refresher(
+            source,
+            keyring.clone(),
+            gateway.snapshot_handle(),
+            Duration::from_millis(config.gateway.refresh_ms),
+            shutdown.clone(),
+        ));
+        let address = format!("{}:{}", config.server.host, config.gateway.port);
+        let listener = TcpListener::bind(&address)
+            .await
+            .with_context(|| format!("binding budgateway to {address} (gateway.port)"))?;
+        tracing::info!(address = %listener.local_addr()?, "budgateway listening");
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            gateway.serve(listener, stop).await.context("budgateway server failed")
+        });
+    }
+    if only == Some(Only::Gateway) {
+        return supervise(tasks, shutdown, meter_shutdown, meter_task, &config, store).await;
+    }
 
     let cluster_client = if only == Some(Only::App) {
         match &config.clusters.url {
@@ -109,12 +167,40 @@ pub async fn serve(
         });
     }
 
+    supervise(tasks, shutdown, meter_shutdown, meter_task, &config, store).await
+}
+
+async fn refresher(
+    source: bud_gateway::source::SnapshotSource,
+    keyring: Keyring,
+    handle: std::sync::Arc<arc_swap::ArcSwap<bud_gateway::snapshot::Snapshot>>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    bud_gateway::source::refresh_loop(source, keyring, handle, interval, shutdown).await;
+    Ok(())
+}
+
+/// Waits for a signal (or a service failing on its own), then stops everything within the
+/// grace period: services first, then the usage writer's flush, then the pool.
+async fn supervise(
+    mut tasks: tokio::task::JoinSet<anyhow::Result<()>>,
+    shutdown: CancellationToken,
+    meter_shutdown: CancellationToken,
+    meter_task: Option<tokio::task::JoinHandle<()>>,
+    config: &Config,
+    store: Store,
+) -> anyhow::Result<()> {
+    let mut failure = None;
     tokio::select! {
         () = wait_for_signal() => {}
         Some(done) = tasks.join_next() => {
             // A service stopped on its own: that is a failure; stop the others.
-            shutdown.cancel();
-            done.context("service task failed")??;
+            failure = Some(match done {
+                Ok(Ok(())) => anyhow::anyhow!("a service stopped unexpectedly"),
+                Ok(Err(e)) => e,
+                Err(e) => anyhow::Error::new(e).context("service task failed"),
+            });
         }
     }
     tracing::info!("shutting down: no new connections; finishing requests in flight");
@@ -135,9 +221,13 @@ pub async fn serve(
     if drained.is_err() {
         tracing::warn!(grace_secs = grace.as_secs(), "still busy after the grace period; stopping");
     }
+    meter_shutdown.cancel();
+    if let Some(writer) = meter_task {
+        let _ = tokio::time::timeout(Duration::from_secs(10), writer).await;
+    }
     store.close().await;
     tracing::info!("stopped");
-    Ok(())
+    failure.map_or(Ok(()), Err)
 }
 
 /// `bud engine-sim`: the simulated engine on `host:port` until SIGTERM or Ctrl-C.
