@@ -36,6 +36,7 @@ impl Server {
             // budcluster listens too: on a port of its own, so that the servers of tests
             // running side by side do not collide.
             .env("BUD_CLUSTERS_PORT", free_port().to_string())
+            .env("BUD_GATEWAY_PORT", free_port().to_string())
             .env("BUD_ADMIN_EMAIL", ADMIN_EMAIL)
             .env("BUD_ADMIN_PASSWORD", ADMIN_PASSWORD)
             .env("BUD_LOG_LEVEL", "warn")
