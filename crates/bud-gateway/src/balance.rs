@@ -39,7 +39,10 @@ pub fn pick(
             }
             Some((_, best_load, best_weight)) => {
                 // load / weight < best_load / best_weight, without division.
-                let (lhs, rhs) = (u128::from(load) * u128::from(best_weight), u128::from(best_load) * u128::from(weight));
+                let (lhs, rhs) = (
+                    u128::from(load) * u128::from(best_weight),
+                    u128::from(best_load) * u128::from(weight),
+                );
                 if lhs < rhs {
                     best = Some((i, load, weight));
                     ties = 1;
@@ -75,7 +78,12 @@ pub async fn scrape_queues(
         let current = snapshot.load_full();
         let mut labels: HashSet<&str> = HashSet::new();
         let mut replicas: Vec<(&str, &str)> = Vec::new();
-        for target in current.routes.values().flat_map(|r| r.values()).flat_map(|r| r.targets.iter().chain(&r.fallbacks)) {
+        for target in current
+            .routes
+            .values()
+            .flat_map(|r| r.values())
+            .flat_map(|r| r.targets.iter().chain(&r.fallbacks))
+        {
             if labels.insert(&target.label)
                 && let Upstream::Replica { address, .. } = &target.upstream
             {

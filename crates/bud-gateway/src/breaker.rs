@@ -73,7 +73,12 @@ impl Breaker {
                     return None;
                 }
                 // Whoever moves it to half-open, the probe goes to whoever takes it first.
-                let _ = self.state.compare_exchange(OPEN, HALF_OPEN, Ordering::AcqRel, Ordering::Acquire);
+                let _ = self.state.compare_exchange(
+                    OPEN,
+                    HALF_OPEN,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
                 self.take_probe()
             }
             _ => self.take_probe(),
@@ -103,11 +108,20 @@ impl Breaker {
         if permit == Permit::Probe {
             self.probing.store(false, Ordering::Release);
         }
+        // Read before writing: the shared line is only written when the state changes.
+        if self.state.load(Ordering::Acquire) == CLOSED {
+            return None;
+        }
         (self.state.swap(CLOSED, Ordering::AcqRel) != CLOSED).then_some(Transition::Closed)
     }
 
     /// The target failed: a failed probe reopens at once; otherwise the failure is counted.
-    pub fn failure(&self, policy: &BreakerPolicy, permit: Permit, now_ms: u64) -> Option<Transition> {
+    pub fn failure(
+        &self,
+        policy: &BreakerPolicy,
+        permit: Permit,
+        now_ms: u64,
+    ) -> Option<Transition> {
         let failures = self.consecutive_failures.fetch_add(1, Ordering::AcqRel).saturating_add(1);
         match permit {
             Permit::Probe => {
@@ -134,17 +148,14 @@ impl Breaker {
             self.probing.store(false, Ordering::Release);
         }
     }
-
-    pub fn is_open(&self) -> bool {
-        self.state.load(Ordering::Acquire) != CLOSED
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const POLICY: BreakerPolicy = BreakerPolicy { failures: 3, open_for: Duration::from_millis(100) };
+    const POLICY: BreakerPolicy =
+        BreakerPolicy { failures: 3, open_for: Duration::from_millis(100) };
 
     #[test]
     fn opens_after_consecutive_failures_only() {
@@ -157,7 +168,6 @@ mod tests {
             b.failure(&POLICY, Permit::Normal, 0);
         }
         assert_eq!(b.failure(&POLICY, Permit::Normal, 10), Some(Transition::Opened));
-        assert!(b.is_open());
         assert_eq!(b.acquire(&POLICY, 50), None);
         assert!(!b.available(&POLICY, 109));
     }

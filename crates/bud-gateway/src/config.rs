@@ -8,9 +8,12 @@ use std::time::Duration;
 pub struct GatewayConfig {
     /// How long one attempt may take to produce what the client would see first: the response
     /// head of a stream, the whole answer of a non-streaming request (which an engine sends only
-    /// once it is complete). A slower target is abandoned for the next one.
+    /// once it is complete). A slower target is abandoned for the next one. Also the longest
+    /// silence tolerated in a stream once its tokens flow.
     pub try_timeout: Duration,
-    /// Everything a request may take, retries, waits for `Retry-After` and streaming included.
+    /// What a request may take up to its answer (non-streaming) or its first token (streaming),
+    /// retries and waits for `Retry-After` included. A stream that keeps producing tokens is
+    /// not cut by it.
     pub overall_timeout: Duration,
     /// Interval of the `: keepalive` comments sent while a stream waits for its first token, so
     /// that proxies between the client and us do not close an idle connection.

@@ -9,8 +9,8 @@ use std::time::Instant;
 use bud_domain::Timestamp;
 use chrono::Utc;
 
-use crate::metering::{Meter, UsageRecord};
 use crate::limits::Limiter;
+use crate::metering::{Meter, UsageRecord};
 use crate::openai::Usage;
 use crate::snapshot::{KeyEntry, Route};
 use crate::state::{RouteState, TargetState};

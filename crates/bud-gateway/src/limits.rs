@@ -97,7 +97,8 @@ impl Limiter {
         let key_cell = key_table.as_mut().map(|t| t.cell(&key.id, now));
         let route_cell = route_table.as_mut().map(|t| t.cell_by_label(&route.label, now));
 
-        let key_requests = key_cell.as_ref().zip(key.rpm).map(|(c, l)| c.requests.evaluate(now, l, 1));
+        let key_requests =
+            key_cell.as_ref().zip(key.rpm).map(|(c, l)| c.requests.evaluate(now, l, 1));
         let route_requests =
             route_cell.as_ref().zip(route.rpm).map(|(c, l)| c.requests.evaluate(now, l, 1));
         let key_tokens = key_cell.as_ref().zip(key.tpm).map(|(c, l)| c.tokens.evaluate(now, l, 0));
@@ -253,7 +254,13 @@ impl Gcra {
     /// budget is overdrawn. Changes nothing: store `Verdict::tat` to commit.
     pub fn evaluate(&self, now: u64, limit: u32, cost: u32) -> Verdict {
         if limit == 0 {
-            return Verdict { allowed: false, remaining: 0, reset: 0, retry_after: PERIOD_NS, tat: self.tat };
+            return Verdict {
+                allowed: false,
+                remaining: 0,
+                reset: 0,
+                retry_after: PERIOD_NS,
+                tat: self.tat,
+            };
         }
         let unit = unit(limit);
         let horizon = now.saturating_add(capacity(limit));
@@ -424,7 +431,13 @@ mod tests {
     }
 
     fn key(rpm: Option<u32>, tpm: Option<u32>) -> KeyEntry {
-        KeyEntry { id: ApiKeyId::new(), project_id: ProjectId::new(), expires_at_ms: None, rpm, tpm }
+        KeyEntry {
+            id: ApiKeyId::new(),
+            project_id: ProjectId::new(),
+            expires_at_ms: None,
+            rpm,
+            tpm,
+        }
     }
 
     fn route(rpm: Option<u32>, tpm: Option<u32>) -> Route {
@@ -454,7 +467,9 @@ mod tests {
         assert_eq!(remaining, [2, 1, 0]);
         let d = limiter.check(&k, &r);
         assert_eq!(d.refusal, Some(Refusal::Requests));
-        assert!(d.retry_after > Duration::from_secs(19) && d.retry_after <= Duration::from_secs(20));
+        assert!(
+            d.retry_after > Duration::from_secs(19) && d.retry_after <= Duration::from_secs(20)
+        );
         assert_eq!(d.requests.unwrap().limit, 3);
     }
 
@@ -482,6 +497,8 @@ mod tests {
         limiter.charge_tokens(&k, &r, 50);
         let d = limiter.check(&k, &r);
         assert_eq!(d.refusal, Some(Refusal::Tokens));
-        assert!(d.retry_after > Duration::from_secs(29) && d.retry_after <= Duration::from_secs(30));
+        assert!(
+            d.retry_after > Duration::from_secs(29) && d.retry_after <= Duration::from_secs(30)
+        );
     }
 }

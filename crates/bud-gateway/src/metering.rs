@@ -36,7 +36,10 @@ pub struct UsageRecord {
 
 /// Where batches go; implemented over the store.
 pub trait UsageSink: Send + Sync + 'static {
-    fn write<'a>(&'a self, batch: &'a [UsageRecord]) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
+    fn write<'a>(
+        &'a self,
+        batch: &'a [UsageRecord],
+    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -71,7 +74,11 @@ pub struct Counts {
 
 impl Meter {
     /// The handle and the writer task to run until `shutdown` (it flushes what it holds then).
-    pub fn new(config: MeterConfig, sink: Arc<dyn UsageSink>, shutdown: CancellationToken) -> (Meter, impl Future<Output = ()>) {
+    pub fn new(
+        config: MeterConfig,
+        sink: Arc<dyn UsageSink>,
+        shutdown: CancellationToken,
+    ) -> (Meter, impl Future<Output = ()>) {
         let (tx, rx) = mpsc::channel(config.channel.max(1));
         let counts = Arc::new(Counts::default());
         let writer = write_loop(config, sink, rx, counts.clone(), shutdown);
@@ -115,7 +122,10 @@ async fn write_loop(
             pending.drain(..overflow);
             counts.dropped.fetch_add(overflow as u64, Ordering::Relaxed);
             metrics::counter!("gateway_usage_dropped_total").increment(overflow as u64);
-            tracing::warn!(dropped = overflow, "usage buffer full while the store fails; oldest records dropped");
+            tracing::warn!(
+                dropped = overflow,
+                "usage buffer full while the store fails; oldest records dropped"
+            );
         }
         while !pending.is_empty() {
             let n = pending.len().min(config.batch.max(1));

@@ -387,7 +387,8 @@ mod tests {
 
     #[test]
     fn reads_the_fields_it_needs_and_nothing_else() {
-        let body = br#" {"messages":[{"role":"user","content":"hi"}],"model":"m\u0031","stream":true,
+        let body =
+            br#" {"messages":[{"role":"user","content":"hi"}],"model":"m\u0031","stream":true,
             "stream_options":{"include_usage":true},"max_tokens":5,"extra":{"a":[1,2]}}"#;
         let p = RequestHead::parse(body).unwrap();
         assert_eq!(p.model, "m1");
@@ -397,7 +398,8 @@ mod tests {
 
     #[test]
     fn rejects_what_is_not_a_request_object() {
-        for body in [&b"[\"model\"]"[..], b"{}", b"{\"model\":3}", b"nope", b"", b"{\"model\":\"a\""]
+        for body in
+            [&b"[\"model\"]"[..], b"{}", b"{\"model\":3}", b"nope", b"", b"{\"model\":\"a\""]
         {
             let e = RequestHead::parse(body).unwrap_err();
             assert_eq!(e.code, ErrorCode::InvalidRequest, "{}", String::from_utf8_lossy(body));
@@ -430,14 +432,21 @@ mod tests {
             r#"{"stream_options":{"include_usage":true},"model":"m","stream":true}"#
         );
         assert_eq!(
-            rewrite(r#"{"model":"m","stream":true,"stream_options":{"include_usage":false,"k":1}}"#, "n", true),
+            rewrite(
+                r#"{"model":"m","stream":true,"stream_options":{"include_usage":false,"k":1}}"#,
+                "n",
+                true
+            ),
             r#"{"model":"n","stream":true,"stream_options":{"include_usage":true,"k":1}}"#
         );
         assert_eq!(
             rewrite(r#"{"model":"m","stream":true,"stream_options":null}"#, "m", true),
             r#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#
         );
-        assert_eq!(rewrite(r#"{"model":"m","stream":true}"#, "m", false), r#"{"model":"m","stream":true}"#);
+        assert_eq!(
+            rewrite(r#"{"model":"m","stream":true}"#, "m", false),
+            r#"{"model":"m","stream":true}"#
+        );
         assert_eq!(rewrite(r#"{"model":"m"}"#, "m", true), r#"{"model":"m"}"#);
     }
 
@@ -471,7 +480,8 @@ mod tests {
         assert_eq!(c.choices.map(|c| c.len()), Some(0));
         assert_eq!(c.usage, Some(Usage { prompt_tokens: 3, completion_tokens: 4 }));
         let c: StreamChunk =
-            serde_json::from_str(r#"{"choices":[{"delta":{"content":"a"}}],"usage":null}"#).unwrap();
+            serde_json::from_str(r#"{"choices":[{"delta":{"content":"a"}}],"usage":null}"#)
+                .unwrap();
         assert_eq!(c.choices.map(|c| c.len()), Some(1));
         assert_eq!(c.usage, None);
     }

@@ -92,7 +92,12 @@ impl Upstreams {
     }
 
     /// Sends one request to `target` and returns its response head; the body follows.
-    async fn send(&self, target: &Target, endpoint: Endpoint, body: Bytes) -> Result<UpstreamResponse, Failure> {
+    async fn send(
+        &self,
+        target: &Target,
+        endpoint: Endpoint,
+        body: Bytes,
+    ) -> Result<UpstreamResponse, Failure> {
         match &target.upstream {
             Upstream::Replica { address, .. } => {
                 let uri = Uri::builder()
@@ -100,31 +105,53 @@ impl Upstreams {
                     .authority(address.as_str())
                     .path_and_query(endpoint.path())
                     .build()
-                    .map_err(|e| Failure::Misconfigured(format!("replica address {address:?}: {e}")))?;
+                    .map_err(|e| {
+                        Failure::Misconfigured(format!("replica address {address:?}: {e}"))
+                    })?;
                 let mut request = Request::new(Full::new(body));
                 *request.method_mut() = http::Method::POST;
                 *request.uri_mut() = uri;
-                request.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                request
+                    .headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
                 let response = self.replica.request(request).await.map_err(|e| {
-                    if e.is_connect() { Failure::Connect(error_chain(&e)) } else { Failure::Broken(error_chain(&e)) }
+                    if e.is_connect() {
+                        Failure::Connect(error_chain(&e))
+                    } else {
+                        Failure::Broken(error_chain(&e))
+                    }
                 })?;
                 let (head, body) = response.into_parts();
-                Ok(UpstreamResponse { status: head.status, headers: head.headers, body: UpstreamBody::Replica(body) })
+                Ok(UpstreamResponse {
+                    status: head.status,
+                    headers: head.headers,
+                    body: UpstreamBody::Replica(body),
+                })
             }
             Upstream::Provider { base_url, api_key, .. } => {
-                let client = self.provider.as_ref().map_err(|e| Failure::Misconfigured(e.to_string()))?;
+                let client =
+                    self.provider.as_ref().map_err(|e| Failure::Misconfigured(e.to_string()))?;
                 let url = format!("{}{}", base_url.trim_end_matches('/'), endpoint.provider_path());
-                let mut request = client.post(url).header(CONTENT_TYPE, "application/json").body(body);
+                let mut request =
+                    client.post(url).header(CONTENT_TYPE, "application/json").body(body);
                 // The provider's key goes to this provider only; the client's key goes nowhere.
                 if let Some(key) = api_key {
                     request = request.bearer_auth(key);
                 }
                 let response = request.send().await.map_err(|e| {
-                    if e.is_connect() { Failure::Connect(error_chain(&e)) } else { Failure::Broken(error_chain(&e)) }
+                    if e.is_connect() {
+                        Failure::Connect(error_chain(&e))
+                    } else {
+                        Failure::Broken(error_chain(&e))
+                    }
                 })?;
                 let status = response.status();
                 let headers = response.headers().clone();
-                Ok(UpstreamResponse { status, headers, body: UpstreamBody::Provider(reqwest::Body::from(response)) })
+                Ok(UpstreamResponse {
+                    status,
+                    headers,
+                    body: UpstreamBody::Provider(reqwest::Body::from(response)),
+                })
             }
         }
     }
@@ -152,11 +179,13 @@ fn provider_client(config: &GatewayConfig) -> Result<reqwest::Client, Error> {
         .pool_idle_timeout(Duration::from_secs(90));
     let bypass = config.no_proxy.as_deref().and_then(reqwest::NoProxy::from_string);
     if let Some(url) = &config.http_proxy {
-        let proxy = reqwest::Proxy::http(url).map_err(|source| Error::Proxy { which: "http_proxy", source })?;
+        let proxy = reqwest::Proxy::http(url)
+            .map_err(|source| Error::Proxy { which: "http_proxy", source })?;
         builder = builder.proxy(proxy.no_proxy(bypass.clone()));
     }
     if let Some(url) = &config.https_proxy {
-        let proxy = reqwest::Proxy::https(url).map_err(|source| Error::Proxy { which: "https_proxy", source })?;
+        let proxy = reqwest::Proxy::https(url)
+            .map_err(|source| Error::Proxy { which: "https_proxy", source })?;
         builder = builder.proxy(proxy.no_proxy(bypass));
     }
     builder.build().map_err(Error::ProviderClient)
@@ -191,10 +220,17 @@ impl Body for UpstreamBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
-            Self::Replica(b) => Pin::new(b).poll_frame(cx).map(|f| f.map(|r| r.map_err(Into::into))),
-            Self::Provider(b) => Pin::new(b).poll_frame(cx).map(|f| f.map(|r| r.map_err(Into::into))),
+            Self::Replica(b) => {
+                Pin::new(b).poll_frame(cx).map(|f| f.map(|r| r.map_err(Into::into)))
+            }
+            Self::Provider(b) => {
+                Pin::new(b).poll_frame(cx).map(|f| f.map(|r| r.map_err(Into::into)))
+            }
         }
     }
 
@@ -239,7 +275,10 @@ impl Failure {
         match self {
             Self::Timeout => ApiError::new(ErrorCode::Timeout, "the model did not answer in time"),
             Self::Status { status, .. } if *status == StatusCode::TOO_MANY_REQUESTS => {
-                ApiError::new(ErrorCode::UpstreamRateLimited, "the model is overloaded; retry later")
+                ApiError::new(
+                    ErrorCode::UpstreamRateLimited,
+                    "the model is overloaded; retry later",
+                )
             }
             Self::Status { status, .. } if *status == StatusCode::SERVICE_UNAVAILABLE => {
                 ApiError::new(ErrorCode::Unavailable, "the model is unavailable; retry later")
@@ -260,7 +299,13 @@ impl Failure {
 pub enum Answer {
     /// A complete answer: a 2xx of a non-streaming request, or a 4xx passed to the client as it
     /// is (never retried: the request, not the target, is at fault).
-    Full { status: StatusCode, content_type: Option<HeaderValue>, body: Bytes, usage: Usage, attempt: Attempt },
+    Full {
+        status: StatusCode,
+        content_type: Option<HeaderValue>,
+        body: Bytes,
+        usage: Usage,
+        attempt: Attempt,
+    },
     /// The head of a successful stream; the attempt's outcome is settled by the relay.
     Stream { body: UpstreamBody, attempt: Attempt },
 }
@@ -314,7 +359,9 @@ pub async fn call(
 
     loop {
         let now_ms = monotonic_ms();
-        let choice = if let Some(i) = balance::pick(&route.targets, &primaries, tried_primaries, &policy, now_ms) {
+        let choice = if let Some(i) =
+            balance::pick(&route.targets, &primaries, tried_primaries, &policy, now_ms)
+        {
             tried_primaries |= 1 << i;
             Some((&route.targets[i], &primaries[i], false))
         } else if let Some(j) = (next_fallback..route.fallbacks.len())
@@ -347,7 +394,8 @@ pub async fn call(
             }
             let same_target = last.as_ref().is_some_and(|(_, t)| Arc::ptr_eq(t, state));
             if same_target {
-                let wait = last.as_ref().and_then(|(f, _)| f.retry_after()).unwrap_or(SAME_TARGET_BACKOFF);
+                let wait =
+                    last.as_ref().and_then(|(f, _)| f.retry_after()).unwrap_or(SAME_TARGET_BACKOFF);
                 if Instant::now() + wait >= call.deadline {
                     break;
                 }
@@ -372,7 +420,14 @@ pub async fn call(
         let try_deadline = (Instant::now() + config.try_timeout).min(call.deadline);
         let outcome = tokio::time::timeout_at(
             try_deadline,
-            try_once(upstreams, target, call.endpoint, body, call.stream, config.max_response_bytes),
+            try_once(
+                upstreams,
+                target,
+                call.endpoint,
+                body,
+                call.stream,
+                config.max_response_bytes,
+            ),
         )
         .await
         .unwrap_or(Err(Failure::Timeout));
@@ -385,10 +440,12 @@ pub async fn call(
             Err(failure) => {
                 match &failure {
                     // Alive but busy: not a reason to take it out of rotation.
-                    Failure::Status { status, .. } if *status == StatusCode::TOO_MANY_REQUESTS => attempt.neutral(),
+                    Failure::Status { status, .. } if *status == StatusCode::TOO_MANY_REQUESTS => {
+                        attempt.neutral()
+                    }
                     _ => attempt.failed(),
                 }
-                tracing::warn!(route = %route.label, target_label = %target.label, ?failure, "attempt failed");
+                tracing::debug!(route = %route.label, target_label = %target.label, ?failure, "attempt failed");
                 last = Some((failure, attempt.target.clone()));
             }
         }

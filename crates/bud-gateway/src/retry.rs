@@ -29,7 +29,12 @@ impl RetryBudget {
         let ratio = if ratio.is_finite() { ratio.max(0.0) } else { 0.0 };
         let per_second = if per_second.is_finite() { per_second.max(0.0) } else { 0.0 };
         let capacity = (2.0 * per_second).max(10.0);
-        Self { ratio, per_second, capacity, bucket: Mutex::new(Bucket { tokens: capacity, at: Instant::now() }) }
+        Self {
+            ratio,
+            per_second,
+            capacity,
+            bucket: Mutex::new(Bucket { tokens: capacity, at: Instant::now() }),
+        }
     }
 
     /// A request arrived.

@@ -30,8 +30,8 @@ use crate::error::Error;
 use crate::ledger::{self, Ledger};
 use crate::limits::{Decision, Limiter, Refusal};
 use crate::metering::Meter;
-use crate::openai::{self, ApiError, ErrorCode, RequestHead, Usage};
-use crate::proxy::{self, Answer, Call, Endpoint, Upstreams};
+use crate::openai::{self, ApiError, ErrorCode, ParsedRequest, RequestHead, Usage};
+use crate::proxy::{self, Answer, Call, Endpoint, Failure, Unanswered, Upstreams};
 use crate::retry::RetryBudget;
 use crate::snapshot::{KeyEntry, Route, Snapshot};
 use crate::sse::{RelaySettings, SseRelay};
@@ -67,13 +67,23 @@ impl Gateway {
     }
 
     /// Like [`Gateway::new`], but a configuration error is an error.
-    pub fn try_new(config: GatewayConfig, meter: Meter, metrics: PrometheusHandle) -> Result<Gateway, Error> {
+    pub fn try_new(
+        config: GatewayConfig,
+        meter: Meter,
+        metrics: PrometheusHandle,
+    ) -> Result<Gateway, Error> {
         let upstreams = Upstreams::new(&config)?;
         Ok(Self::with_upstreams(config, meter, metrics, upstreams))
     }
 
-    fn with_upstreams(config: GatewayConfig, meter: Meter, prometheus: PrometheusHandle, upstreams: Upstreams) -> Gateway {
-        let policy = BreakerPolicy { failures: config.breaker_failures, open_for: config.breaker_open };
+    fn with_upstreams(
+        config: GatewayConfig,
+        meter: Meter,
+        prometheus: PrometheusHandle,
+        upstreams: Upstreams,
+    ) -> Gateway {
+        let policy =
+            BreakerPolicy { failures: config.breaker_failures, open_for: config.breaker_open };
         Gateway {
             shared: Arc::new(Shared {
                 config,
@@ -151,7 +161,7 @@ impl Gateway {
 }
 
 /// The body of every response: a complete one, or a relayed stream.
-pub enum GatewayBody {
+pub(crate) enum GatewayBody {
     Full(Option<Bytes>),
     Stream(Box<SseRelay>),
 }
@@ -160,7 +170,10 @@ impl Body for GatewayBody {
     type Data = Bytes;
     type Error = Infallible;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         match self.get_mut() {
             Self::Full(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             Self::Stream(relay) => Pin::new(relay.as_mut()).poll_frame(cx),
@@ -203,41 +216,37 @@ async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Response<Gat
         (None, "/readyz") if get => ready(&shared),
         (None, "/metrics") if get => {
             let mut r = text(StatusCode::OK, shared.prometheus.render());
-            r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+            r.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
             r
         }
         (Some(_), _) | (None, "/v1/models" | "/healthz" | "/readyz" | "/metrics") => {
-            error_response(&ApiError::new(ErrorCode::MethodNotAllowed, "method not allowed on this path"))
+            error_response(&ApiError::new(
+                ErrorCode::MethodNotAllowed,
+                "method not allowed on this path",
+            ))
         }
         _ => error_response(&ApiError::new(ErrorCode::UnknownUrl, "unknown path")),
     }
 }
 
 /// `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`.
-async fn inference(shared: Arc<Shared>, request: Request<Incoming>, endpoint: Endpoint) -> Response<GatewayBody> {
+async fn inference(
+    shared: Arc<Shared>,
+    request: Request<Incoming>,
+    endpoint: Endpoint,
+) -> Response<GatewayBody> {
     let started = Instant::now();
     let at = ledger::now();
     let (head, body) = request.into_parts();
-    let admitted = async {
-        let key = authenticate(&shared.snapshot, &head.headers, at.timestamp_millis())?;
-        let body = read_body(&head.headers, body, shared.config.max_request_bytes).await?;
-        let parsed = RequestHead::parse(&body)?;
-        let route = shared.snapshot.load().route(key.project_id, &parsed.model).cloned().ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::ModelNotFound,
-                format!("The model `{}` does not exist or you do not have access to it.", parsed.model),
-            )
-            .with_param("model")
-        })?;
-        Ok::<_, ApiError>((key, body, parsed, route))
-    };
-    let (key, body, parsed, route) = match admitted.await {
-        Ok(admitted) => admitted,
-        Err(e) => {
-            shared.unrouted.request(NO_TARGET, e.code.status().as_u16());
-            return error_response(&e);
-        }
-    };
+    let Admitted { key, body, parsed, route } =
+        match admit(&shared, &head.headers, body, at.timestamp_millis()).await {
+            Ok(admitted) => admitted,
+            Err(e) => {
+                shared.unrouted.request(NO_TARGET, e.code.status().as_u16());
+                return error_response(&e);
+            }
+        };
     let route_state = shared.route_state(&route);
     let mut ledger = Ledger::open(
         shared.meter.clone(),
@@ -262,54 +271,20 @@ async fn inference(shared: Arc<Shared>, request: Request<Incoming>, endpoint: En
             stream,
             deadline,
         };
-        let outcome = proxy::call(&shared.upstreams, &shared.registry, &shared.config, shared.policy, call).await;
-        match outcome {
-            Ok(Answer::Full { status, content_type, body, usage, attempt }) => {
-                ledger.set_target(Some(attempt.target.clone()));
-                drop(attempt);
-                if status.is_success() {
-                    ledger.first_token();
-                }
-                ledger.close(status.as_u16(), usage);
-                let mut r = full(status, body);
-                r.headers_mut().insert(CONTENT_TYPE, content_type.unwrap_or(HeaderValue::from_static("application/json")));
-                r
-            }
-            Ok(Answer::Stream { body, attempt }) => {
-                ledger.set_target(Some(attempt.target.clone()));
-                let settings = RelaySettings {
-                    keepalive: shared.config.keepalive,
-                    max_line_bytes: shared.config.max_line_bytes,
-                    deadline,
-                    strip_usage: !parsed.include_usage,
-                };
-                stream_response(SseRelay::new(body, attempt, ledger, settings))
-            }
-            Err(unanswered) => {
-                ledger.set_target(unanswered.last);
-                let error = match &unanswered.failure {
-                    Some(failure) => failure.to_api_error(),
-                    None => ApiError::new(ErrorCode::Unavailable, "no healthy upstream for this model"),
-                };
-                ledger.close(error.code.status().as_u16(), Usage::default());
-                let mut r = error_response(&error);
-                if error.code == ErrorCode::UpstreamRateLimited {
-                    let wait = unanswered.failure.as_ref().and_then(|f| f.retry_after()).unwrap_or(Duration::from_secs(1));
-                    r.headers_mut().insert(RETRY_AFTER, retry_after_value(wait));
-                }
-                r
-            }
-        }
+        let outcome =
+            proxy::call(&shared.upstreams, &shared.registry, &shared.config, shared.policy, call)
+                .await;
+        let relay = RelaySettings {
+            keepalive: shared.config.keepalive,
+            max_line_bytes: shared.config.max_line_bytes,
+            deadline,
+            idle_timeout: shared.config.try_timeout,
+            strip_usage: !parsed.include_usage,
+        };
+        answer(outcome, ledger, relay)
     } else {
         ledger.close(StatusCode::TOO_MANY_REQUESTS.as_u16(), Usage::default());
-        let (code, what) = match decision.refusal {
-            Some(Refusal::Tokens) => (ErrorCode::TokensRateLimited, "tokens"),
-            _ => (ErrorCode::RequestsRateLimited, "requests"),
-        };
-        let message = format!("Rate limit reached for {what} per minute; retry after {:.1}s.", decision.retry_after.as_secs_f64());
-        let mut r = error_response(&ApiError::new(code, message));
-        r.headers_mut().insert(RETRY_AFTER, retry_after_value(decision.retry_after));
-        r
+        rate_limited(&decision)
     };
     if decision.is_limited() {
         rate_limit_headers(response.headers_mut(), &decision);
@@ -318,6 +293,107 @@ async fn inference(shared: Arc<Shared>, request: Request<Incoming>, endpoint: En
         response.headers_mut().insert(HeaderName::from_static("x-request-id"), id);
     }
     response
+}
+
+/// A request with a valid key, a readable body and a route its project may use.
+struct Admitted {
+    key: KeyEntry,
+    body: Bytes,
+    parsed: ParsedRequest,
+    route: Arc<Route>,
+}
+
+async fn admit(
+    shared: &Shared,
+    headers: &HeaderMap,
+    body: Incoming,
+    now_ms: i64,
+) -> Result<Admitted, ApiError> {
+    let key = authenticate(&shared.snapshot, headers, now_ms)?;
+    let body = read_body(headers, body, shared.config.max_request_bytes).await?;
+    let parsed = RequestHead::parse(&body)?;
+    let route =
+        shared.snapshot.load().route(key.project_id, &parsed.model).cloned().ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::ModelNotFound,
+                format!(
+                    "The model `{}` does not exist or you do not have access to it.",
+                    parsed.model
+                ),
+            )
+            .with_param("model")
+        })?;
+    Ok(Admitted { key, body, parsed, route })
+}
+
+/// The client's response for what the attempt loop got. The ledger is closed here, or handed
+/// to the stream relay, which closes it when the stream ends.
+fn answer(
+    outcome: Result<Answer, Unanswered>,
+    mut ledger: Ledger,
+    relay: RelaySettings,
+) -> Response<GatewayBody> {
+    match outcome {
+        Ok(Answer::Full { status, content_type, body, usage, attempt }) => {
+            ledger.set_target(Some(attempt.target.clone()));
+            drop(attempt);
+            if status.is_success() {
+                ledger.first_token();
+            }
+            ledger.close(status.as_u16(), usage);
+            let mut r = full(status, body);
+            r.headers_mut().insert(
+                CONTENT_TYPE,
+                content_type.unwrap_or(HeaderValue::from_static("application/json")),
+            );
+            r
+        }
+        Ok(Answer::Stream { body, attempt }) => {
+            ledger.set_target(Some(attempt.target.clone()));
+            stream_response(SseRelay::new(body, attempt, ledger, relay))
+        }
+        Err(unanswered) => {
+            let error = match &unanswered.failure {
+                Some(failure) => failure.to_api_error(),
+                None => ApiError::new(ErrorCode::Unavailable, "no healthy upstream for this model"),
+            };
+            // The one log line of a failed request: the client's body says nothing of the cause.
+            tracing::warn!(
+                request_id = %ledger.id,
+                target_label = unanswered.last.as_ref().map_or(NO_TARGET, |t| t.label.as_str()),
+                failure = ?unanswered.failure,
+                status = error.code.status().as_u16(),
+                "no upstream answered",
+            );
+            ledger.set_target(unanswered.last);
+            ledger.close(error.code.status().as_u16(), Usage::default());
+            let mut r = error_response(&error);
+            if error.code == ErrorCode::UpstreamRateLimited {
+                let wait = unanswered
+                    .failure
+                    .as_ref()
+                    .and_then(Failure::retry_after)
+                    .unwrap_or(Duration::from_secs(1));
+                r.headers_mut().insert(RETRY_AFTER, retry_after_value(wait));
+            }
+            r
+        }
+    }
+}
+
+/// 429 for a request the limiter refused.
+fn rate_limited(decision: &Decision) -> Response<GatewayBody> {
+    let (code, what) = match decision.refusal {
+        Some(Refusal::Tokens) => (ErrorCode::TokensRateLimited, "tokens"),
+        _ => (ErrorCode::RequestsRateLimited, "requests"),
+    };
+    let message = format!(
+        "Rate limit reached for {what} per minute; retry after {:.1}s.",
+        decision.retry_after.as_secs_f64()
+    );
+    let mut r = error_response(&ApiError::new(code, message));
+    r.headers_mut().insert(RETRY_AFTER, retry_after_value(decision.retry_after));
+    r
 }
 
 impl Shared {
@@ -329,7 +405,11 @@ impl Shared {
 }
 
 /// The key presented as `Authorization: Bearer <key>`, if it is active.
-fn authenticate(snapshot: &ArcSwap<Snapshot>, headers: &HeaderMap, now_ms: i64) -> Result<KeyEntry, ApiError> {
+fn authenticate(
+    snapshot: &ArcSwap<Snapshot>,
+    headers: &HeaderMap,
+    now_ms: i64,
+) -> Result<KeyEntry, ApiError> {
     let presented = headers
         .get(AUTHORIZATION)
         .map(HeaderValue::as_bytes)
@@ -337,7 +417,10 @@ fn authenticate(snapshot: &ArcSwap<Snapshot>, headers: &HeaderMap, now_ms: i64) 
         .map(<[u8]>::trim_ascii)
         .filter(|k| !k.is_empty())
         .ok_or_else(|| {
-            ApiError::new(ErrorCode::InvalidApiKey, "Missing API key: send it as `Authorization: Bearer <key>`.")
+            ApiError::new(
+                ErrorCode::InvalidApiKey,
+                "Missing API key: send it as `Authorization: Bearer <key>`.",
+            )
         })?;
     let hash: [u8; 32] = Sha256::digest(presented).into();
     snapshot
@@ -348,15 +431,25 @@ fn authenticate(snapshot: &ArcSwap<Snapshot>, headers: &HeaderMap, now_ms: i64) 
 }
 
 async fn read_body(headers: &HeaderMap, body: Incoming, max: usize) -> Result<Bytes, ApiError> {
-    let too_large = || ApiError::new(ErrorCode::RequestTooLarge, format!("the request body is larger than {max} bytes"));
-    let declared = headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let too_large = || {
+        ApiError::new(
+            ErrorCode::RequestTooLarge,
+            format!("the request body is larger than {max} bytes"),
+        )
+    };
+    let declared = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > max as u64) {
         return Err(too_large());
     }
     match Limited::new(body, max).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<LengthLimitError>() => Err(too_large()),
-        Err(_) => Err(ApiError::new(ErrorCode::InvalidRequest, "the request body could not be read")),
+        Err(_) => {
+            Err(ApiError::new(ErrorCode::InvalidRequest, "the request body could not be read"))
+        }
     }
 }
 

@@ -21,6 +21,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
@@ -61,7 +62,8 @@ impl SseScanner {
     /// exactly a run of whole events (so it can be passed on as it is).
     pub fn feed(&mut self, chunk: Bytes, events: &mut Vec<Bytes>) -> Result<bool, FramingError> {
         if self.pending.is_empty() {
-            let (event_start, line_start) = self.scan(&chunk, 0, 0, |s, e| events.push(chunk.slice(s..e)))?;
+            let (event_start, line_start) =
+                self.scan(&chunk, 0, 0, |s, e| events.push(chunk.slice(s..e)))?;
             if event_start == chunk.len() {
                 return Ok(true);
             }
@@ -75,21 +77,33 @@ impl SseScanner {
         let buffer = std::mem::take(&mut self.pending);
         let result = self.scan_from(&buffer, scan_from, self.line_start, &mut ends);
         self.pending = buffer;
-        let (event_start, line_start) = result?;
         let mut consumed = 0;
         for end in ends {
             events.push(self.pending.split_to(end - consumed).freeze());
             consumed = end;
         }
+        let (event_start, line_start) = result?;
         self.line_start = line_start - event_start;
         Ok(false)
     }
 
-    fn scan_from(&self, buffer: &[u8], from: usize, line_start: usize, ends: &mut Vec<usize>) -> Result<(usize, usize), FramingError> {
+    fn scan_from(
+        &self,
+        buffer: &[u8],
+        from: usize,
+        line_start: usize,
+        ends: &mut Vec<usize>,
+    ) -> Result<(usize, usize), FramingError> {
         self.scan_range(buffer, from, 0, line_start, |_, e| ends.push(e))
     }
 
-    fn scan(&self, buffer: &[u8], event_start: usize, line_start: usize, on_event: impl FnMut(usize, usize)) -> Result<(usize, usize), FramingError> {
+    fn scan(
+        &self,
+        buffer: &[u8],
+        event_start: usize,
+        line_start: usize,
+        on_event: impl FnMut(usize, usize),
+    ) -> Result<(usize, usize), FramingError> {
         self.scan_range(buffer, 0, event_start, line_start, on_event)
     }
 
@@ -162,11 +176,14 @@ pub fn event_data(event: &[u8]) -> Option<std::borrow::Cow<'_, [u8]>> {
 }
 
 /// Everything the relay needs besides the upstream body.
-pub struct RelaySettings {
+pub(crate) struct RelaySettings {
     pub keepalive: Duration,
     pub max_line_bytes: usize,
-    /// The overall deadline of the request.
+    /// The overall deadline of the request, which bounds the wait for the first token.
     pub deadline: Instant,
+    /// Once tokens flow, the longest silence tolerated: a stream that is still producing is
+    /// never cut for being long, one that stalled is ended.
+    pub idle_timeout: Duration,
     /// Drop the usage-only event: the gateway asked for it, the client did not.
     pub strip_usage: bool,
 }
@@ -174,13 +191,15 @@ pub struct RelaySettings {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Relaying,
-    /// `[DONE]` is out; the upstream's end is awaited briefly so its connection can be reused.
-    Draining,
     Done,
 }
 
+/// How long the end of an upstream body is awaited after `[DONE]`, off the client's path, so
+/// that its connection goes back to the pool instead of being closed.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// The client's response body for a stream.
-pub struct SseRelay {
+pub(crate) struct SseRelay {
     /// Dropped (closing or returning its connection) as soon as the stream is decided.
     upstream: Option<UpstreamBody>,
     scanner: SseScanner,
@@ -190,6 +209,10 @@ pub struct SseRelay {
     timer: Pin<Box<Sleep>>,
     deadline: Instant,
     keepalive: Duration,
+    idle_timeout: Duration,
+    /// When the upstream last sent something (checked when the timer fires, so that frames do
+    /// not each re-arm it).
+    last_data: Instant,
     strip_usage: bool,
     usage: Option<Usage>,
     /// Choices relayed: about one token each, the estimate when no usage arrives.
@@ -200,8 +223,14 @@ pub struct SseRelay {
 }
 
 impl SseRelay {
-    pub fn new(upstream: UpstreamBody, attempt: Attempt, ledger: Ledger, settings: RelaySettings) -> Self {
-        let first_wake = (Instant::now() + settings.keepalive).min(settings.deadline);
+    pub fn new(
+        upstream: UpstreamBody,
+        attempt: Attempt,
+        ledger: Ledger,
+        settings: RelaySettings,
+    ) -> Self {
+        let now = Instant::now();
+        let first_wake = (now + settings.keepalive).min(settings.deadline);
         Self {
             upstream: Some(upstream),
             scanner: SseScanner::new(settings.max_line_bytes, settings.max_line_bytes),
@@ -211,6 +240,8 @@ impl SseRelay {
             timer: Box::pin(tokio::time::sleep_until(first_wake)),
             deadline: settings.deadline,
             keepalive: settings.keepalive,
+            idle_timeout: settings.idle_timeout,
+            last_data: now,
             strip_usage: settings.strip_usage,
             usage: None,
             choices: 0,
@@ -225,33 +256,24 @@ impl SseRelay {
     }
 
     fn on_data(&mut self, chunk: Bytes) {
+        self.last_data = Instant::now();
         if !self.first_token {
             // Silence is counted from the last frame.
-            let next = (Instant::now() + self.keepalive).min(self.deadline);
+            let next = (self.last_data + self.keepalive).min(self.deadline);
             self.timer.as_mut().reset(next);
         }
         let mut events = std::mem::take(&mut self.events);
-        let aligned = match self.scanner.feed(chunk.clone(), &mut events) {
-            Ok(aligned) => aligned,
-            Err(e) => {
-                events.clear();
-                self.events = events;
-                let message = match e {
-                    FramingError::LineTooLong => "the model sent an over-long line",
-                    FramingError::EventTooLarge => "the model sent an over-large event",
-                };
-                return self.fail(ErrorCode::BadGateway, message);
-            }
-        };
+        // The events completed before a framing error are still relayed.
+        let framing = self.scanner.feed(chunk.clone(), &mut events);
         let before = self.out.len();
-        let mut whole = aligned;
+        let mut whole = framing == Ok(true);
         for event in events.drain(..) {
             match self.inspect(&event) {
                 Verdict::Forward => self.out.push_back(event),
                 Verdict::Drop => whole = false,
                 Verdict::Done => {
                     self.out.push_back(event);
-                    self.phase = Phase::Draining;
+                    self.end_ok();
                     whole = false;
                     break;
                 }
@@ -271,6 +293,15 @@ impl SseRelay {
         }
         events.clear();
         self.events = events;
+        if let Err(e) = framing
+            && self.phase == Phase::Relaying
+        {
+            let message = match e {
+                FramingError::LineTooLong => "the model sent an over-long line",
+                FramingError::EventTooLarge => "the model sent an over-large event",
+            };
+            return self.fail(ErrorCode::BadGateway, message);
+        }
         if whole && self.out.len() - before > 1 {
             self.out.truncate(before);
             self.out.push_back(chunk);
@@ -283,7 +314,9 @@ impl SseRelay {
         if data.as_ref() == b"[DONE]" {
             return Verdict::Done;
         }
-        let Ok(chunk) = serde_json::from_slice::<StreamChunk>(&data) else { return Verdict::Malformed };
+        let Ok(chunk) = serde_json::from_slice::<StreamChunk>(&data) else {
+            return Verdict::Malformed;
+        };
         if chunk.error.is_some() {
             return Verdict::UpstreamError;
         }
@@ -299,10 +332,31 @@ impl SseRelay {
             if !self.first_token {
                 self.first_token = true;
                 self.ledger.first_token();
-                self.timer.as_mut().reset(self.deadline);
+                self.timer.as_mut().reset(self.last_data + self.idle_timeout);
             }
         }
         Verdict::Forward
+    }
+
+    /// Before the first token: a keepalive, or the end at the deadline. After: the end if the
+    /// upstream has been silent for the idle timeout.
+    fn on_timer(&mut self) {
+        let now = Instant::now();
+        if !self.first_token {
+            if now >= self.deadline {
+                self.fail(ErrorCode::Timeout, "the model did not start answering in time");
+            } else {
+                self.out.push_back(Bytes::from_static(KEEPALIVE));
+                self.timer.as_mut().reset((now + self.keepalive).min(self.deadline));
+            }
+            return;
+        }
+        let due = self.last_data + self.idle_timeout;
+        if now >= due {
+            self.fail(ErrorCode::Timeout, "the model stopped sending");
+        } else {
+            self.timer.as_mut().reset(due);
+        }
     }
 
     /// Ends the stream with an error event, blaming the upstream.
@@ -324,7 +378,15 @@ impl SseRelay {
 
     fn end_ok(&mut self) {
         self.phase = Phase::Done;
-        self.upstream = None;
+        if let (Some(mut upstream), Ok(runtime)) =
+            (self.upstream.take(), tokio::runtime::Handle::try_current())
+            && !upstream.is_end_stream()
+        {
+            runtime.spawn(async move {
+                let drained = async { while let Some(Ok(_)) = upstream.frame().await {} };
+                let _ = tokio::time::timeout(DRAIN_TIMEOUT, drained).await;
+            });
+        }
         if let Some(mut attempt) = self.attempt.take() {
             attempt.succeeded();
         }
@@ -345,7 +407,10 @@ impl Body for SseRelay {
     type Data = Bytes;
     type Error = Infallible;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         let this = self.get_mut();
         loop {
             if let Some(bytes) = this.out.pop_front() {
@@ -356,15 +421,6 @@ impl Body for SseRelay {
             };
             match this.phase {
                 Phase::Done => return Poll::Ready(None),
-                Phase::Draining => match Pin::new(upstream).poll_frame(cx) {
-                    Poll::Ready(Some(Ok(_))) => continue,
-                    // Ended, broken after `[DONE]`, or not ending at once: the answer is
-                    // complete either way.
-                    Poll::Ready(_) | Poll::Pending => {
-                        this.end_ok();
-                        return Poll::Ready(None);
-                    }
-                },
                 Phase::Relaying => match Pin::new(upstream).poll_frame(cx) {
                     Poll::Ready(Some(Ok(frame))) => {
                         if let Ok(data) = frame.into_data() {
@@ -375,17 +431,11 @@ impl Body for SseRelay {
                         tracing::debug!(error = %crate::proxy::error_chain(&*e), "upstream stream broke");
                         this.fail(ErrorCode::BadGateway, "the model's stream broke off");
                     }
-                    Poll::Ready(None) => this.fail(ErrorCode::BadGateway, "the model's stream ended early"),
+                    Poll::Ready(None) => {
+                        this.fail(ErrorCode::BadGateway, "the model's stream ended early")
+                    }
                     Poll::Pending => match this.timer.as_mut().poll(cx) {
-                        Poll::Ready(()) => {
-                            let now = Instant::now();
-                            if now >= this.deadline {
-                                this.fail(ErrorCode::Timeout, "the model did not finish in time");
-                            } else {
-                                this.out.push_back(Bytes::from_static(KEEPALIVE));
-                                this.timer.as_mut().reset((now + this.keepalive).min(this.deadline));
-                            }
-                        }
+                        Poll::Ready(()) => this.on_timer(),
                         Poll::Pending => return Poll::Pending,
                     },
                 },
@@ -438,7 +488,8 @@ mod tests {
 
     #[test]
     fn split_events_are_joined() {
-        let events = scan_all(&[b"data: {\"a\"", b":1}\n", b"\ndata: x\n\nda", b"ta: y\n\n"], 100).unwrap();
+        let events =
+            scan_all(&[b"data: {\"a\"", b":1}\n", b"\ndata: x\n\nda", b"ta: y\n\n"], 100).unwrap();
         assert_eq!(events, [&b"data: {\"a\":1}\n\n"[..], b"data: x\n\n", b"data: y\n\n"]);
     }
 
@@ -446,7 +497,10 @@ mod tests {
     fn long_lines_and_events_are_refused() {
         assert_eq!(scan_all(&[b"data: 0123456789"], 10), Err(FramingError::LineTooLong));
         assert_eq!(scan_all(&[b"data: 01234", b"56789\n"], 10), Err(FramingError::LineTooLong));
-        assert_eq!(scan_all(&[b"data: 1\ndata: 2\ndata: 3\n"], 10), Err(FramingError::EventTooLarge));
+        assert_eq!(
+            scan_all(&[b"data: 1\ndata: 2\ndata: 3\n"], 10),
+            Err(FramingError::EventTooLarge)
+        );
     }
 
     #[test]

@@ -41,7 +41,8 @@ impl TargetState {
 
     /// In flight plus queued at the engine: the balancer's measure of load.
     pub fn load(&self) -> u64 {
-        u64::from(self.in_flight.load(Ordering::Relaxed)) + u64::from(self.waiting.load(Ordering::Relaxed))
+        u64::from(self.in_flight.load(Ordering::Relaxed))
+            + u64::from(self.waiting.load(Ordering::Relaxed))
     }
 
     pub fn in_flight(&self) -> u32 {
@@ -147,7 +148,9 @@ impl Registry {
         targets
             .iter()
             .map(|t| {
-                map.entry(t.label.clone()).or_insert_with(|| Arc::new(TargetState::new(&t.label))).clone()
+                map.entry(t.label.clone())
+                    .or_insert_with(|| Arc::new(TargetState::new(&t.label)))
+                    .clone()
             })
             .collect()
     }
@@ -165,13 +168,19 @@ impl Registry {
         self.route_by_label(&route.label, budget)
     }
 
-    pub fn route_by_label(&self, label: &str, budget: impl FnOnce() -> RetryBudget) -> Arc<RouteState> {
+    pub fn route_by_label(
+        &self,
+        label: &str,
+        budget: impl FnOnce() -> RetryBudget,
+    ) -> Arc<RouteState> {
         if let Some(r) = self.routes.read().unwrap_or_else(PoisonError::into_inner).get(label) {
             return r.clone();
         }
         let mut map = self.routes.write().unwrap_or_else(PoisonError::into_inner);
         map.entry(label.to_owned())
-            .or_insert_with(|| Arc::new(RouteState { budget: budget(), metrics: RouteMetrics::new(label) }))
+            .or_insert_with(|| {
+                Arc::new(RouteState { budget: budget(), metrics: RouteMetrics::new(label) })
+            })
             .clone()
     }
 

@@ -6,7 +6,8 @@ use bud_domain::ProjectId;
 
 use crate::fake_upstream::{FakeUpstream, PROMPT_TOKENS};
 use crate::harness::{
-    KEY, TestGateway, World, chat_body, config, gateway_for, hash, key_entry, provider, replica, route,
+    KEY, TestGateway, World, chat_body, config, gateway_for, hash, key_entry, provider, replica,
+    route,
 };
 
 #[tokio::test]
@@ -58,7 +59,8 @@ fn two_projects(upstream: &FakeUpstream) -> bud_gateway::snapshot::Snapshot {
 async fn a_model_of_another_project_is_not_found_in_openai_shape() {
     let upstream = FakeUpstream::start().await;
     let gw = TestGateway::spawn(config(), two_projects(&upstream)).await;
-    let response = gw.chat(serde_json::json!({"model": "their-model", "messages": []})).send().await.unwrap();
+    let response =
+        gw.chat(serde_json::json!({"model": "their-model", "messages": []})).send().await.unwrap();
     assert_eq!(response.status(), 404);
     let body: serde_json::Value = response.json().await.unwrap();
     insta::assert_json_snapshot!(body, @r#"
@@ -112,7 +114,9 @@ async fn malformed_requests_and_unknown_paths_get_openai_errors() {
     let upstream = FakeUpstream::start().await;
     let gw = gateway_for(vec![replica(upstream.addr, "m")], vec![]).await;
     let url = format!("{}/v1/chat/completions", gw.url);
-    for body in ["{", "[]", "{\"messages\":[]}", "{\"model\":1}", "{\"model\":\"chat\",\"stream\":\"yes\"}"] {
+    for body in
+        ["{", "[]", "{\"messages\":[]}", "{\"model\":1}", "{\"model\":\"chat\",\"stream\":\"yes\"}"]
+    {
         let response = gw.client.post(&url).bearer_auth(KEY).body(body).send().await.unwrap();
         assert_eq!(response.status(), 400, "{body}");
         let v: serde_json::Value = response.json().await.unwrap();
@@ -135,7 +139,10 @@ async fn the_model_is_rewritten_and_usage_forced_without_touching_the_rest() {
         "temperature": 0.5, "stream": true, "max_tokens": 9, "x_vendor": {"k": [1, 2]}});
     let response = gw.chat(body.clone()).send().await.unwrap();
     let text = response.text().await.unwrap();
-    assert!(!text.contains("\"usage\""), "the usage chunk the client did not ask for is dropped: {text}");
+    assert!(
+        !text.contains("\"usage\""),
+        "the usage chunk the client did not ask for is dropped: {text}"
+    );
 
     let seen = upstream.seen();
     let mut expected = body;
@@ -168,10 +175,17 @@ async fn provider_keys_go_to_their_provider_only() {
 async fn completions_and_embeddings_are_forwarded_and_metered() {
     let upstream = FakeUpstream::start().await;
     let gw = gateway_for(vec![replica(upstream.addr, "m")], vec![]).await;
-    let r = gw.post("/v1/completions", serde_json::json!({"model": "chat", "prompt": "hi"})).send().await.unwrap();
+    let r = gw
+        .post("/v1/completions", serde_json::json!({"model": "chat", "prompt": "hi"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let r = gw
-        .post("/v1/completions", serde_json::json!({"model": "chat", "prompt": "hi", "stream": true}))
+        .post(
+            "/v1/completions",
+            serde_json::json!({"model": "chat", "prompt": "hi", "stream": true}),
+        )
         .send()
         .await
         .unwrap();
@@ -188,6 +202,55 @@ async fn completions_and_embeddings_are_forwarded_and_metered() {
     assert!(upstream.seen()[2].body.get("stream_options").is_none(), "embeddings never stream");
 
     let records = gw.records_eventually(3).await;
-    let tokens: Vec<(u32, u32)> = records.iter().map(|r| (r.prompt_tokens, r.completion_tokens)).collect();
+    let tokens: Vec<(u32, u32)> =
+        records.iter().map(|r| (r.prompt_tokens, r.completion_tokens)).collect();
     assert_eq!(tokens, [(PROMPT_TOKENS, 3), (PROMPT_TOKENS, 3), (PROMPT_TOKENS, 0)]);
+}
+
+#[tokio::test]
+async fn provider_requests_go_through_the_configured_proxy_only() {
+    let proxy = FakeUpstream::start().await;
+    let mut config = config();
+    config.http_proxy = Some(format!("http://{}", proxy.addr));
+    let mut through_proxy = provider(proxy.addr, Some("sk-p"), "gpt-x");
+    if let bud_gateway::snapshot::Upstream::Provider { base_url, .. } = &mut through_proxy.upstream
+    {
+        *base_url = "http://provider.invalid/v1".to_owned();
+    }
+    let direct = FakeUpstream::start().await;
+    config.no_proxy = Some("127.0.0.1".to_owned());
+    let world = World::new(vec![
+        route("via-proxy", vec![through_proxy], vec![]),
+        route("bypass", vec![provider(direct.addr, None, "gpt-y")], vec![]),
+    ]);
+    let gw = TestGateway::spawn(config, world.snapshot()).await;
+    let r =
+        gw.chat(serde_json::json!({"model": "via-proxy", "messages": []})).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = proxy.seen();
+    assert_eq!(
+        seen[0].path, "http://provider.invalid/v1/chat/completions",
+        "absolute form: a proxy request"
+    );
+    let r = gw.chat(serde_json::json!({"model": "bypass", "messages": []})).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        (proxy.requests(), direct.requests()),
+        (1, 1),
+        "no_proxy hosts are reached directly"
+    );
+}
+
+#[tokio::test]
+async fn a_bad_proxy_url_is_a_configuration_error() {
+    let mut config = config();
+    config.https_proxy = Some("http://[::1".to_owned());
+    let (meter, _writer) = bud_gateway::metering::Meter::new(
+        Default::default(),
+        std::sync::Arc::new(crate::harness::VecSink::default()),
+        Default::default(),
+    );
+    let e =
+        bud_gateway::Gateway::try_new(config, meter, crate::harness::prometheus()).err().unwrap();
+    assert!(matches!(e, bud_gateway::Error::Proxy { which: "https_proxy", .. }), "{e:?}");
 }

@@ -29,7 +29,11 @@ async fn fails_over(fault: Behavior, stream: bool) {
     assert_eq!(records.len(), 1);
     assert_eq!(records[0].status, 200);
     assert_eq!(records[0].target, fallback_target.label);
-    assert!(gw.metrics().await.contains(&format!("gateway_fallbacks_total{{route=\"{}\"}} 1", records[0].route)));
+    assert!(
+        gw.metrics()
+            .await
+            .contains(&format!("gateway_fallbacks_total{{route=\"{}\"}} 1", records[0].route))
+    );
 }
 
 /// The only target fails once with `fault`, then answers: two attempts.
@@ -111,7 +115,9 @@ async fn endless_answer_fails_over() {
     let fallback = FakeUpstream::start().await;
     let mut config = config();
     config.max_response_bytes = 1 << 20;
-    let gw = gateway_with(config, vec![replica(primary.addr, "m")], vec![replica(fallback.addr, "m")]).await;
+    let gw =
+        gateway_with(config, vec![replica(primary.addr, "m")], vec![replica(fallback.addr, "m")])
+            .await;
     let response = gw.chat(chat_body(false)).send().await.unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!((primary.requests(), fallback.requests()), (1, 1));
@@ -151,7 +157,8 @@ async fn a_4xx_is_passed_through_and_never_retried() {
     let upstream = FakeUpstream::start().await;
     upstream.always(Behavior::Status(400, None));
     let fallback = FakeUpstream::start().await;
-    let gw = gateway_for(vec![replica(upstream.addr, "m")], vec![replica(fallback.addr, "m")]).await;
+    let gw =
+        gateway_for(vec![replica(upstream.addr, "m")], vec![replica(fallback.addr, "m")]).await;
     let response = gw.chat(chat_body(true)).send().await.unwrap();
     assert_eq!(response.status(), 400);
     let body: serde_json::Value = response.json().await.unwrap();
@@ -196,7 +203,9 @@ async fn ends_mid_stream(fault: Behavior, status: u16, code: &str) -> crate::har
     config.overall_timeout = Duration::from_millis(1500);
     config.keepalive = Duration::from_millis(200);
     config.max_line_bytes = 64 * 1024;
-    let gw = gateway_with(config, vec![replica(primary.addr, "m")], vec![replica(fallback.addr, "m")]).await;
+    let gw =
+        gateway_with(config, vec![replica(primary.addr, "m")], vec![replica(fallback.addr, "m")])
+            .await;
 
     let response = gw.chat(chat_body(true)).send().await.unwrap();
     assert_eq!(response.status(), 200, "the head went out before the failure");
@@ -241,9 +250,24 @@ async fn an_endless_line_ends_with_an_error_event() {
 }
 
 #[tokio::test]
-async fn hang_mid_stream_ends_at_the_overall_timeout() {
+async fn hang_mid_stream_ends_after_a_silence_of_the_try_timeout() {
+    let started = Instant::now();
     let t = ends_mid_stream(Behavior::HangMidStream, 504, "timeout").await;
     assert!(!t.text.contains(": keepalive"), "no keepalive once tokens flow");
+    // The try timeout (500 ms) of silence, well before the overall timeout (1.5 s).
+    assert!(started.elapsed() < Duration::from_millis(1200), "{:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn a_stream_that_keeps_producing_outlives_the_overall_timeout() {
+    let upstream = FakeUpstream::start().await;
+    upstream.always(Behavior::Slow { n: 30, every: Duration::from_millis(50) });
+    let mut config = config();
+    config.overall_timeout = Duration::from_millis(800);
+    let gw = gateway_with(config, vec![replica(upstream.addr, "m")], vec![]).await;
+    let t = read_stream(gw.chat(chat_body(true)).send().await.unwrap()).await;
+    assert!(t.has_done(), "{}", t.text);
+    assert_eq!(gw.records_eventually(1).await[0].completion_tokens, 30);
 }
 
 #[tokio::test]

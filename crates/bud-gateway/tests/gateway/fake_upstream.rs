@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
 /// Tokens of usage every answer reports for its prompt.
@@ -171,7 +171,10 @@ struct Request {
     body: Vec<u8>,
 }
 
-async fn read_request(reader: &mut (impl AsyncRead + Unpin), buffer: &mut Vec<u8>) -> Option<Request> {
+async fn read_request(
+    reader: &mut (impl AsyncRead + Unpin),
+    buffer: &mut Vec<u8>,
+) -> Option<Request> {
     loop {
         if let Some(end) = find(buffer, b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&buffer[..end]).into_owned();
@@ -239,7 +242,10 @@ async fn connection(socket: TcpStream, state: Arc<State>) {
                 "# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{{model_name=\"m\"}} {}\n",
                 state.waiting.load(Ordering::Relaxed)
             );
-            let head = format!("HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n", body.len());
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n",
+                body.len()
+            );
             if writer.write_all(format!("{head}{body}").as_bytes()).await.is_err() {
                 return;
             }
@@ -247,7 +253,8 @@ async fn connection(socket: TcpStream, state: Arc<State>) {
         }
         state.requests.fetch_add(1, Ordering::SeqCst);
         let _in_flight = InFlight::new(&state);
-        let body: serde_json::Value = serde_json::from_slice(&request.body).unwrap_or(serde_json::Value::Null);
+        let body: serde_json::Value =
+            serde_json::from_slice(&request.body).unwrap_or(serde_json::Value::Null);
         state.seen.lock().unwrap().push(Seen {
             path: request.path.clone(),
             authorization: request.authorization.clone(),
@@ -296,9 +303,13 @@ impl Answer {
 
     fn usage(&self) -> serde_json::Value {
         match self.kind {
-            Kind::Embedding => serde_json::json!({"prompt_tokens": PROMPT_TOKENS, "total_tokens": PROMPT_TOKENS}),
-            _ => serde_json::json!({"prompt_tokens": PROMPT_TOKENS, "completion_tokens": self.tokens,
-                "total_tokens": PROMPT_TOKENS + self.tokens}),
+            Kind::Embedding => {
+                serde_json::json!({"prompt_tokens": PROMPT_TOKENS, "total_tokens": PROMPT_TOKENS})
+            }
+            _ => {
+                serde_json::json!({"prompt_tokens": PROMPT_TOKENS, "completion_tokens": self.tokens,
+                "total_tokens": PROMPT_TOKENS + self.tokens})
+            }
         }
     }
 
@@ -351,7 +362,9 @@ impl Answer {
 
     fn last_events(&self) -> Vec<String> {
         let mut events = vec![match self.kind {
-            Kind::Completion => self.chunk(serde_json::json!({"index": 0, "text": "", "finish_reason": "stop"})),
+            Kind::Completion => {
+                self.chunk(serde_json::json!({"index": 0, "text": "", "finish_reason": "stop"}))
+            }
             _ => self.chunk(serde_json::json!({"index": 0, "delta": {}, "finish_reason": "stop"})),
         }];
         if self.include_usage {
@@ -368,23 +381,36 @@ impl Answer {
     }
 
     /// Answers per `behavior`; says whether the connection can take another request.
-    async fn respond(&self, behavior: Behavior, reader: &mut OwnedReadHalf, writer: &mut OwnedWriteHalf, state: &State) -> bool {
+    async fn respond(
+        &self,
+        behavior: Behavior,
+        reader: &mut OwnedReadHalf,
+        writer: &mut OwnedWriteHalf,
+        state: &State,
+    ) -> bool {
         match behavior {
-            Behavior::Ok => self.answer(reader, writer, state, Duration::ZERO, Duration::ZERO, self.tokens).await,
+            Behavior::Ok => {
+                self.answer(reader, writer, state, Duration::ZERO, Duration::ZERO, self.tokens)
+                    .await
+            }
             Behavior::Delay(d) => {
                 if !wait_or_closed(reader, state, d).await {
                     return false;
                 }
-                self.answer(reader, writer, state, Duration::ZERO, Duration::ZERO, self.tokens).await
+                self.answer(reader, writer, state, Duration::ZERO, Duration::ZERO, self.tokens)
+                    .await
             }
-            Behavior::FirstTokenAfter(d) => self.answer(reader, writer, state, d, Duration::ZERO, self.tokens).await,
+            Behavior::FirstTokenAfter(d) => {
+                self.answer(reader, writer, state, d, Duration::ZERO, self.tokens).await
+            }
             Behavior::Slow { n, every } => {
                 let slow = Answer { tokens: n, ..self.clone_shallow() };
                 slow.answer(reader, writer, state, Duration::ZERO, every, n).await
             }
             Behavior::Status(status, retry_after) => {
                 let body = serde_json::json!({"error": {"message": "fake failure", "type": "server_error", "param": null, "code": null}}).to_string();
-                let extra = retry_after.map(|r| format!("retry-after: {r}\r\n")).unwrap_or_default();
+                let extra =
+                    retry_after.map(|r| format!("retry-after: {r}\r\n")).unwrap_or_default();
                 let head = format!(
                     "HTTP/1.1 {status} Fake\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{extra}\r\n",
                     body.len()
@@ -400,7 +426,11 @@ impl Answer {
                 false
             }
             Behavior::HangAfterHead => {
-                let head = if self.stream { self.stream_head() } else { "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n".to_owned() };
+                let head = if self.stream {
+                    self.stream_head()
+                } else {
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n".to_owned()
+                };
                 if writer.write_all(head.as_bytes()).await.is_err() {
                     return false;
                 }
@@ -409,13 +439,20 @@ impl Answer {
             }
             Behavior::Malformed if !self.stream => {
                 let body = "{\"id\": \"x\", \"choices\": [tru";
-                let head = format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n", body.len());
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                    body.len()
+                );
                 writer.write_all(format!("{head}{body}").as_bytes()).await.is_ok()
             }
             Behavior::Cut if !self.stream => {
                 let body = self.full_body();
-                let head = format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n", body.len());
-                let _ = writer.write_all(format!("{head}{}", &body[..body.len() / 2]).as_bytes()).await;
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                    body.len()
+                );
+                let _ =
+                    writer.write_all(format!("{head}{}", &body[..body.len() / 2]).as_bytes()).await;
                 let _ = writer.shutdown().await;
                 false
             }
@@ -441,7 +478,8 @@ impl Answer {
                 }
                 match fault {
                     Behavior::Malformed => {
-                        let _ = write_chunk(writer, b"data: {\"choices\": [{\"delta\": nope}\n\n").await;
+                        let _ = write_chunk(writer, b"data: {\"choices\": [{\"delta\": nope}\n\n")
+                            .await;
                         wait_or_closed(reader, state, Duration::from_secs(3600)).await;
                     }
                     Behavior::Cut => {
@@ -456,7 +494,11 @@ impl Answer {
                     }
                     Behavior::ResetMidStream => reset(writer),
                     Behavior::EndlessLine => {
-                        let _ = write_chunk(writer, b"data: {\"choices\": [{\"delta\": {\"content\": \"").await;
+                        let _ = write_chunk(
+                            writer,
+                            b"data: {\"choices\": [{\"delta\": {\"content\": \"",
+                        )
+                        .await;
                         endless(writer).await;
                     }
                     other => unreachable!("{other:?}"),
@@ -467,11 +509,18 @@ impl Answer {
     }
 
     fn clone_shallow(&self) -> Answer {
-        Answer { stream: self.stream, include_usage: self.include_usage, kind: self.kind, model: self.model.clone(), tokens: self.tokens }
+        Answer {
+            stream: self.stream,
+            include_usage: self.include_usage,
+            kind: self.kind,
+            model: self.model.clone(),
+            tokens: self.tokens,
+        }
     }
 
     fn stream_head(&self) -> String {
-        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n".to_owned()
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+            .to_owned()
     }
 
     async fn answer(
@@ -485,7 +534,10 @@ impl Answer {
     ) -> bool {
         if !self.stream {
             let body = self.full_body();
-            let head = format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n", body.len());
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                body.len()
+            );
             return writer.write_all(format!("{head}{body}").as_bytes()).await.is_ok();
         }
         if writer.write_all(self.stream_head().as_bytes()).await.is_err() {

@@ -38,7 +38,10 @@ pub fn config() -> GatewayConfig {
 pub struct VecSink(Mutex<Vec<UsageRecord>>);
 
 impl UsageSink for VecSink {
-    fn write<'a>(&'a self, batch: &'a [UsageRecord]) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
+    fn write<'a>(
+        &'a self,
+        batch: &'a [UsageRecord],
+    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
         self.0.lock().unwrap().extend_from_slice(batch);
         Box::pin(async { Ok(()) })
     }
@@ -57,7 +60,8 @@ pub struct TestGateway {
 impl TestGateway {
     pub async fn spawn(config: GatewayConfig, snapshot: Snapshot) -> TestGateway {
         let sink = Arc::new(VecSink::default());
-        let meter_config = MeterConfig { interval: Duration::from_millis(5), ..MeterConfig::default() };
+        let meter_config =
+            MeterConfig { interval: Duration::from_millis(5), ..MeterConfig::default() };
         let (meter, writer) = Meter::new(meter_config, sink.clone(), CancellationToken::new());
         tokio::spawn(writer);
         let gateway = Gateway::new(config, meter, prometheus());
@@ -130,7 +134,11 @@ pub fn replica(addr: SocketAddr, served_model: &str) -> Target {
     Target {
         label: format!("replica:{}/{addr}", unique("ep")),
         weight: 1,
-        upstream: Upstream::Replica { endpoint_id, address: addr.to_string(), served_model: served_model.to_owned() },
+        upstream: Upstream::Replica {
+            endpoint_id,
+            address: addr.to_string(),
+            served_model: served_model.to_owned(),
+        },
     }
 }
 
@@ -149,7 +157,14 @@ pub fn provider(addr: SocketAddr, api_key: Option<&str>, model: &str) -> Target 
 }
 
 pub fn route(name: &str, targets: Vec<Target>, fallbacks: Vec<Target>) -> Route {
-    Route { name: name.to_owned(), label: unique(&format!("route:{name}-")), targets, fallbacks, rpm: None, tpm: None }
+    Route {
+        name: name.to_owned(),
+        label: unique(&format!("route:{name}-")),
+        targets,
+        fallbacks,
+        rpm: None,
+        tpm: None,
+    }
 }
 
 /// One project, with [`KEY`] and the given routes.
@@ -166,7 +181,8 @@ impl World {
     }
 
     pub fn snapshot(&self) -> Snapshot {
-        let mut snapshot = Snapshot { version: 1, built_at: Some(Instant::now()), ..Snapshot::default() };
+        let mut snapshot =
+            Snapshot { version: 1, built_at: Some(Instant::now()), ..Snapshot::default() };
         snapshot.keys.insert(hash(KEY), self.key.clone());
         let routes = snapshot.routes.entry(self.project).or_default();
         for r in &self.routes {
@@ -181,7 +197,11 @@ pub async fn gateway_for(targets: Vec<Target>, fallbacks: Vec<Target>) -> TestGa
     gateway_with(config(), targets, fallbacks).await
 }
 
-pub async fn gateway_with(config: GatewayConfig, targets: Vec<Target>, fallbacks: Vec<Target>) -> TestGateway {
+pub async fn gateway_with(
+    config: GatewayConfig,
+    targets: Vec<Target>,
+    fallbacks: Vec<Target>,
+) -> TestGateway {
     let world = World::new(vec![route("chat", targets, fallbacks)]);
     TestGateway::spawn(config, world.snapshot()).await
 }

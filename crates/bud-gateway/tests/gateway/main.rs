@@ -1,5 +1,7 @@
 //! budgateway end to end: the gateway on port 0 in front of fake OpenAI upstreams.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "a test fails by panicking")]
+
 mod fake_upstream;
 mod harness;
 

@@ -8,7 +8,10 @@ use crate::fake_upstream::{Behavior, FakeUpstream};
 use crate::harness::{TestGateway, chat_body, config, gateway_with, replica};
 
 async fn concurrently(gw: &TestGateway, n: usize) -> Vec<u16> {
-    join_all((0..n).map(|_| async { gw.chat(chat_body(false)).send().await.unwrap().status().as_u16() })).await
+    join_all(
+        (0..n).map(|_| async { gw.chat(chat_body(false)).send().await.unwrap().status().as_u16() }),
+    )
+    .await
 }
 
 #[tokio::test]
@@ -69,7 +72,8 @@ async fn a_failed_probe_opens_the_breaker_again() {
 
 #[tokio::test]
 async fn the_retry_budget_keeps_retries_from_amplifying_an_outage() {
-    let fakes = [FakeUpstream::start().await, FakeUpstream::start().await, FakeUpstream::start().await];
+    let fakes =
+        [FakeUpstream::start().await, FakeUpstream::start().await, FakeUpstream::start().await];
     for f in &fakes {
         f.always(Behavior::Status(500, None));
     }
@@ -88,11 +92,17 @@ async fn the_retry_budget_keeps_retries_from_amplifying_an_outage() {
     let attempts: usize = fakes.iter().map(FakeUpstream::requests).sum();
     // 20% of the requests, 5 per second, and the 10 saved up at the start.
     let bound = requests as f64 * 1.2 + 5.0 * elapsed + 10.0 + 1.0;
-    assert!(attempts as f64 <= bound, "{attempts} attempts for {requests} requests in {elapsed:.2}s");
+    assert!(
+        attempts as f64 <= bound,
+        "{attempts} attempts for {requests} requests in {elapsed:.2}s"
+    );
     assert!(attempts >= requests);
     let metrics = gw.metrics().await;
     let route = &gw.records_eventually(requests).await[0].route;
-    let retries_line = metrics.lines().find(|l| l.starts_with(&format!("gateway_retries_total{{route=\"{route}\"}}"))).unwrap();
+    let retries_line = metrics
+        .lines()
+        .find(|l| l.starts_with(&format!("gateway_retries_total{{route=\"{route}\"}}")))
+        .unwrap();
     let retries: usize = retries_line.rsplit(' ').next().unwrap().parse().unwrap();
     assert_eq!(retries, attempts - requests);
 }

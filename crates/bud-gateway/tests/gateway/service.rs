@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 use bud_gateway::snapshot::Snapshot;
 
 use crate::fake_upstream::{Behavior, FakeUpstream};
-use crate::harness::{TestGateway, World, chat_body, config, gateway_for, read_stream, replica, route};
+use crate::harness::{
+    TestGateway, World, chat_body, config, gateway_for, read_stream, replica, route,
+};
 
 #[tokio::test]
 async fn health_and_readiness_follow_the_snapshot() {
@@ -38,7 +40,9 @@ async fn metrics_are_served_with_bounded_labels() {
         "gateway_requests_total{{route=\"{route}\",target=\"{}\",status=\"200\"}} 1",
         target.label
     )));
-    assert!(text.contains(&format!("gateway_request_duration_seconds_count{{route=\"{route}\"}} 1")));
+    assert!(
+        text.contains(&format!("gateway_request_duration_seconds_count{{route=\"{route}\"}} 1"))
+    );
     assert!(text.contains("gateway_requests_total{route=\"-\",target=\"-\",status=\"404\"}"));
     assert!(!text.contains("no-such-model-xyz"));
 }
@@ -52,7 +56,13 @@ async fn kept_alive_connections_do_not_stall_on_delayed_acks() {
     let mut latencies = Vec::new();
     for _ in 0..200 {
         let started = Instant::now();
-        let r = client.post(&url).bearer_auth(crate::harness::KEY).json(&chat_body(false)).send().await.unwrap();
+        let r = client
+            .post(&url)
+            .bearer_auth(crate::harness::KEY)
+            .json(&chat_body(false))
+            .send()
+            .await
+            .unwrap();
         r.bytes().await.unwrap();
         latencies.push(started.elapsed());
     }

@@ -55,9 +55,18 @@ async fn the_usage_chunk_the_client_did_not_ask_for_is_dropped_but_metered() {
     assert_ne!(records[0].id, records[1].id);
     let metrics = gw.metrics().await;
     let route = &records[0].route;
-    assert!(metrics.contains(&format!("gateway_tokens_total{{route=\"{route}\",kind=\"completion\"}} 10")), "{metrics}");
-    assert!(metrics.contains(&format!("gateway_tokens_total{{route=\"{route}\",kind=\"prompt\"}} 14")));
-    assert!(metrics.contains(&format!("gateway_time_to_first_token_seconds_count{{route=\"{route}\"}} 2")));
+    assert!(
+        metrics
+            .contains(&format!("gateway_tokens_total{{route=\"{route}\",kind=\"completion\"}} 10")),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!("gateway_tokens_total{{route=\"{route}\",kind=\"prompt\"}} 14"))
+    );
+    assert!(
+        metrics
+            .contains(&format!("gateway_time_to_first_token_seconds_count{{route=\"{route}\"}} 2"))
+    );
 }
 
 #[tokio::test]
@@ -89,8 +98,15 @@ async fn a_client_that_goes_away_mid_stream_cancels_the_upstream_at_once() {
     let dropped = Instant::now();
     drop(response);
 
-    let closed = upstream.wait_closed(Duration::from_secs(2)).await.expect("the upstream connection was closed");
-    assert!(closed.duration_since(dropped) < Duration::from_millis(100), "{:?}", closed.duration_since(dropped));
+    let closed = upstream
+        .wait_closed(Duration::from_secs(2))
+        .await
+        .expect("the upstream connection was closed");
+    assert!(
+        closed.duration_since(dropped) < Duration::from_millis(100),
+        "{:?}",
+        closed.duration_since(dropped)
+    );
     let records = gw.records_eventually(1).await;
     assert_eq!(records.len(), 1);
     let r = &records[0];
@@ -99,7 +115,10 @@ async fn a_client_that_goes_away_mid_stream_cancels_the_upstream_at_once() {
     // The role chunk and the tokens relayed so far (a few more may have been in flight).
     assert!((6..=12).contains(&r.completion_tokens), "{}", r.completion_tokens);
     let metrics = gw.metrics().await;
-    assert!(metrics.contains(&format!("gateway_in_flight{{target=\"{}\"}} 0", target.label)), "{metrics}");
+    assert!(
+        metrics.contains(&format!("gateway_in_flight{{target=\"{}\"}} 0", target.label)),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -113,7 +132,10 @@ async fn a_client_that_goes_away_while_waiting_cancels_the_upstream_at_once() {
     let request = gw.chat(chat_body(false)).timeout(Duration::from_millis(300)).send();
     assert!(request.await.unwrap_err().is_timeout());
     let gave_up = Instant::now();
-    let closed = upstream.wait_closed(Duration::from_secs(2)).await.expect("the upstream connection was closed");
+    let closed = upstream
+        .wait_closed(Duration::from_secs(2))
+        .await
+        .expect("the upstream connection was closed");
     assert!(closed.duration_since(gave_up) < Duration::from_millis(100));
     let records = gw.records_eventually(1).await;
     assert_eq!((records[0].status, records[0].completion_tokens), (499, 0));
