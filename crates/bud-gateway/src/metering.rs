@@ -162,3 +162,116 @@ async fn write_loop(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+
+    /// A sink that fails while `down` is set, and keeps what it was given (ids deduplicated, as
+    /// the store's `ON CONFLICT DO NOTHING` does).
+    #[derive(Default)]
+    struct Flaky {
+        down: AtomicBool,
+        rows: Mutex<Vec<uuid::Uuid>>,
+        calls: AtomicU64,
+    }
+
+    impl UsageSink for Flaky {
+        fn write<'a>(&'a self, batch: &'a [UsageRecord]) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
+            Box::pin(async move {
+                self.calls.fetch_add(1, Ordering::Relaxed);
+                if self.down.load(Ordering::Relaxed) {
+                    return Err("store down".into());
+                }
+                let mut rows = self.rows.lock().unwrap();
+                for r in batch {
+                    if !rows.contains(&r.id) {
+                        rows.push(r.id);
+                    }
+                }
+                Ok(())
+            })
+        }
+    }
+
+    fn record() -> UsageRecord {
+        UsageRecord {
+            id: uuid::Uuid::now_v7(),
+            at: chrono::Utc::now(),
+            key_id: ApiKeyId::new(),
+            project_id: ProjectId::new(),
+            model: "m".into(),
+            route: "r".into(),
+            target: "t".into(),
+            prompt_tokens: 1,
+            completion_tokens: 2,
+            latency_ms: 3,
+            status: 200,
+        }
+    }
+
+    fn config(buffer: usize) -> MeterConfig {
+        MeterConfig { channel: 1000, buffer, batch: 7, interval: Duration::from_millis(10) }
+    }
+
+    #[tokio::test]
+    async fn an_outage_is_buffered_then_written_once() {
+        let sink = Arc::new(Flaky::default());
+        sink.down.store(true, Ordering::Relaxed);
+        let stop = CancellationToken::new();
+        let (meter, writer) = Meter::new(config(1000), sink.clone(), stop.clone());
+        let writer = tokio::spawn(writer);
+        for _ in 0..50 {
+            meter.record(record());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(sink.rows.lock().unwrap().is_empty());
+        assert!(sink.calls.load(Ordering::Relaxed) > 1, "retried while down");
+        sink.down.store(false, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(sink.rows.lock().unwrap().len(), 50);
+        assert_eq!(meter.counts().written.load(Ordering::Relaxed), 50, "each record counted once");
+        assert_eq!(meter.counts().dropped.load(Ordering::Relaxed), 0);
+        stop.cancel();
+        writer.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_long_outage_keeps_bounded_memory_and_counts_what_it_dropped() {
+        let sink = Arc::new(Flaky::default());
+        sink.down.store(true, Ordering::Relaxed);
+        let stop = CancellationToken::new();
+        let (meter, writer) = Meter::new(config(20), sink.clone(), stop.clone());
+        let writer = tokio::spawn(writer);
+        for _ in 0..100 {
+            meter.record(record());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        sink.down.store(false, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let written = sink.rows.lock().unwrap().len() as u64;
+        let dropped = meter.counts().dropped.load(Ordering::Relaxed);
+        assert_eq!(written, 20, "the buffer holds at most 20");
+        assert_eq!(written + dropped, 100, "every record is either written or counted as dropped");
+        stop.cancel();
+        writer.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn shutdown_flushes_what_is_pending() {
+        let sink = Arc::new(Flaky::default());
+        let stop = CancellationToken::new();
+        let slow = MeterConfig { interval: Duration::from_secs(3600), ..config(1000) };
+        let (meter, writer) = Meter::new(slow, sink.clone(), stop.clone());
+        let writer = tokio::spawn(writer);
+        for _ in 0..30 {
+            meter.record(record());
+        }
+        stop.cancel();
+        writer.await.unwrap();
+        assert_eq!(sink.rows.lock().unwrap().len(), 30);
+    }
+}
