@@ -169,3 +169,92 @@ print("ok")
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && stdout.trim() == "ok", "stdout: {stdout}\nstderr: {stderr}");
 }
+
+/// The services apart, as in production: budapp, budcluster and budgateway as three processes.
+/// The gateway reads its configuration from budapp; a revocation reaches it within 5 s, and
+/// with budapp down it goes on serving from the configuration it has.
+#[tokio::test]
+async fn split_services_revocation_and_a_control_plane_outage_under_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let (app, cluster, gateway) = (free_port(), free_port(), free_port());
+    let key = bud_auth::secrets::encode_key_spec("k1", &[9u8; 32]);
+    let shared = vec![
+        ("BUD_SECRETS_MASTER_KEYS", format!("[\"{key}\"]")),
+        ("BUD_GATEWAY_TOKEN", "internal-gateway-token".to_owned()),
+        ("BUD_GATEWAY_REFRESH_MS", "500".to_owned()),
+        ("BUD_SERVER_APP_PORT", app.to_string()),
+        ("BUD_CLUSTERS_PORT", cluster.to_string()),
+        ("BUD_GATEWAY_PORT", gateway.to_string()),
+        ("BUD_CLUSTERS_URL", format!("http://127.0.0.1:{cluster}")),
+        ("BUD_GATEWAY_APP_URL", format!("http://127.0.0.1:{app}")),
+    ];
+    let budapp = Serve::start(dir.path(), &["--only", "app"], &shared, app);
+    let _budcluster = Serve::start(dir.path(), &["--only", "cluster"], &shared, cluster);
+    let _budgateway = Serve::start(dir.path(), &["--only", "gateway"], &shared, gateway);
+    let api = Api::login(app).await;
+    let (project, model) = api.setup().await;
+    let endpoint = api.endpoint(&project, &model, "chat", json!({})).await;
+    api.wait_status(&endpoint, "RUNNING", 1, Duration::from_secs(30)).await;
+    let steady = api.post(&format!("/projects/{project}/keys"), json!({"name": "steady"})).await;
+    let doomed = api.post(&format!("/projects/{project}/keys"), json!({"name": "doomed"})).await;
+    let (steady, doomed_secret) = (
+        steady["secret"].as_str().unwrap().to_owned(),
+        doomed["secret"].as_str().unwrap().to_owned(),
+    );
+    let base = format!("http://127.0.0.1:{gateway}");
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    let chat = move |key: String| {
+        let (http, base) = (http.clone(), base.clone());
+        async move {
+            http.post(format!("{base}/v1/chat/completions"))
+                .bearer_auth(key)
+                .json(&json!({"model": "sim", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+                .unwrap_or(0)
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while chat(doomed_secret.clone()).await != 200 {
+        assert!(Instant::now() < deadline, "the gateway never learnt the key");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let doomed_id = doomed["key"]["id"].as_str().unwrap();
+    let (status, _) = api.call(reqwest::Method::DELETE, &format!("/keys/{doomed_id}"), None).await;
+    assert_eq!(status, 200);
+    let revoked = Instant::now();
+    while chat(doomed_secret.clone()).await != 401 {
+        assert!(
+            revoked.elapsed() < Duration::from_secs(5),
+            "split: the revoked key still works after 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Load, then the control plane goes away.
+    let load = {
+        let chat = chat.clone();
+        let steady = steady.clone();
+        tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(5) {
+                statuses.push(chat(steady.clone()).await);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            statuses
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    budapp.stop();
+    let statuses = load.await.unwrap();
+    assert!(statuses.len() > 50, "{}", statuses.len());
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "every request answered with budapp down: {statuses:?}"
+    );
+    let ready = reqwest::get(format!("http://127.0.0.1:{gateway}/readyz")).await.unwrap().status();
+    assert_eq!(ready, 200, "within the stale window the gateway stays ready");
+}
