@@ -1,6 +1,7 @@
 //! The gateway's tunables. The binary fills them from its configuration; the library reads no
 //! environment variable (proxies included: they are passed in here, never taken from `*_proxy`).
 
+use std::fmt;
 use std::time::Duration;
 
 /// How the data plane behaves under slow, failing or overloaded upstreams.
@@ -44,6 +45,71 @@ pub struct GatewayConfig {
     pub max_response_bytes: usize,
     /// How often the engines' `/metrics` are read for their queue depth.
     pub scrape_interval: Duration,
+    /// Where the rate limits are counted when several gateways must share them; `None` keeps
+    /// them in this process (each replica then allows the whole limit on its own).
+    pub redis: Option<RedisLimits>,
+}
+
+/// Rate limits counted in Redis, so that every gateway replica draws on the same budget.
+#[derive(Clone)]
+pub struct RedisLimits {
+    /// `redis://[user:password@]host[:port][/db]`: one Redis (or a primary), not Redis Cluster
+    /// (a request's cells are updated by one script, so they must live on one node); no TLS.
+    pub url: String,
+    /// What the gateway does while Redis does not answer within `timeout`.
+    pub on_unreachable: OnUnreachable,
+    /// How long a request's limit check may wait for Redis; it is added to the request's
+    /// latency, so it is short: a Redis that is slower than this counts as unreachable.
+    pub timeout: Duration,
+    /// While Redis is unreachable, one request per interval tries it again (the others go
+    /// straight to the fallback, paying no timeout).
+    pub probe_interval: Duration,
+    /// First part of every Redis key (`<prefix>:gcra:<kind>:<id>`), so that installations or
+    /// tests sharing one Redis do not share counts.
+    pub key_prefix: String,
+}
+
+impl RedisLimits {
+    /// The defaults for a Redis at `url`.
+    pub fn new(url: impl Into<String>, on_unreachable: OnUnreachable) -> Self {
+        Self {
+            url: url.into(),
+            on_unreachable,
+            timeout: Duration::from_millis(50),
+            probe_interval: Duration::from_secs(1),
+            key_prefix: "bud".to_owned(),
+        }
+    }
+}
+
+/// The URL's credentials stay out of logs.
+impl fmt::Debug for RedisLimits {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let url = match self.url.rsplit_once('@') {
+            Some((_, host)) => format!("redis://…@{host}"),
+            None => self.url.clone(),
+        };
+        f.debug_struct("RedisLimits")
+            .field("url", &url)
+            .field("on_unreachable", &self.on_unreachable)
+            .field("timeout", &self.timeout)
+            .field("probe_interval", &self.probe_interval)
+            .field("key_prefix", &self.key_prefix)
+            .finish()
+    }
+}
+
+/// The rate limits' behaviour while Redis is unreachable. Never "each replica allows the whole
+/// limit": with N replicas that would multiply every limit by N.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum OnUnreachable {
+    /// Count in this process, each limit multiplied by `local_share` (1/replicas, so that the
+    /// replicas together still allow at most the limit; a limit is never scaled below 1).
+    /// Clamped to (0, 1].
+    FailOpen { local_share: f64 },
+    /// Refuse limited requests with 503 `rate_limiter_unavailable` (unlimited keys and routes
+    /// are served).
+    FailClosed,
 }
 
 impl Default for GatewayConfig {
@@ -64,6 +130,21 @@ impl Default for GatewayConfig {
             max_request_bytes: 32 << 20,
             max_response_bytes: 256 << 20,
             scrape_interval: Duration::from_secs(2),
+            redis: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_redis_password_stays_out_of_debug_output() {
+        let config =
+            RedisLimits::new("redis://bud:s3cret@redis.internal:6379/1", OnUnreachable::FailClosed);
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("redis.internal:6379/1"), "{shown}");
     }
 }

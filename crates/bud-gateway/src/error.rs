@@ -15,4 +15,7 @@ pub enum Error {
     /// The HTTP client for external providers could not be built (TLS roots, proxies).
     #[error("building the provider http client")]
     ProviderClient(#[source] reqwest::Error),
+    /// The Redis URL for shared rate limits does not parse.
+    #[error("invalid redis url for rate limits")]
+    RedisUrl(#[source] redis::RedisError),
 }

@@ -9,7 +9,7 @@ use std::time::Instant;
 use bud_domain::Timestamp;
 use chrono::Utc;
 
-use crate::limits::Limiter;
+use crate::limits::RateLimiter;
 use crate::metering::{Meter, UsageRecord};
 use crate::openai::Usage;
 use crate::snapshot::{KeyEntry, Route};
@@ -25,7 +25,7 @@ pub struct Ledger {
     at: Timestamp,
     started: Instant,
     meter: Meter,
-    limiter: Arc<Limiter>,
+    limiter: Arc<RateLimiter>,
     key: KeyEntry,
     route: Arc<Route>,
     route_state: Arc<RouteState>,
@@ -40,7 +40,7 @@ pub struct Ledger {
 impl Ledger {
     pub fn open(
         meter: Meter,
-        limiter: Arc<Limiter>,
+        limiter: Arc<RateLimiter>,
         key: KeyEntry,
         route: Arc<Route>,
         route_state: Arc<RouteState>,

@@ -180,7 +180,10 @@ mod tests {
     }
 
     impl UsageSink for Flaky {
-        fn write<'a>(&'a self, batch: &'a [UsageRecord]) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
+        fn write<'a>(
+            &'a self,
+            batch: &'a [UsageRecord],
+        ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
             Box::pin(async move {
                 self.calls.fetch_add(1, Ordering::Relaxed);
                 if self.down.load(Ordering::Relaxed) {

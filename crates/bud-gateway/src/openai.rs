@@ -41,6 +41,9 @@ pub enum ErrorCode {
     Unavailable,
     /// The upstreams did not answer in time.
     Timeout,
+    /// A limited request could not be checked: the shared rate limiter (Redis) is unreachable
+    /// and the gateway is configured to fail closed.
+    RateLimiterUnavailable,
 }
 
 impl ErrorCode {
@@ -55,7 +58,7 @@ impl ErrorCode {
                 StatusCode::TOO_MANY_REQUESTS
             }
             Self::BadGateway => StatusCode::BAD_GATEWAY,
-            Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable | Self::RateLimiterUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -73,7 +76,7 @@ impl ErrorCode {
             Self::TokensRateLimited => "tokens",
             Self::UpstreamRateLimited => "rate_limit_error",
             Self::BadGateway | Self::Timeout => "api_error",
-            Self::Unavailable => "server_error",
+            Self::Unavailable | Self::RateLimiterUnavailable => "server_error",
         }
     }
 
@@ -92,6 +95,7 @@ impl ErrorCode {
             Self::BadGateway => Some("bad_gateway"),
             Self::Unavailable => Some("service_unavailable"),
             Self::Timeout => Some("timeout"),
+            Self::RateLimiterUnavailable => Some("rate_limiter_unavailable"),
         }
     }
 }

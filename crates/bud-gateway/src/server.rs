@@ -28,7 +28,7 @@ use crate::breaker::BreakerPolicy;
 use crate::config::GatewayConfig;
 use crate::error::Error;
 use crate::ledger::{self, Ledger};
-use crate::limits::{Decision, Limiter, Refusal};
+use crate::limits::{Decision, RateLimiter, Refusal, Unavailable};
 use crate::metering::Meter;
 use crate::openai::{self, ApiError, ErrorCode, ParsedRequest, RequestHead, Usage};
 use crate::proxy::{self, Answer, Call, Endpoint, Failure, Unanswered, Upstreams};
@@ -49,7 +49,7 @@ struct Shared {
     snapshot: Arc<ArcSwap<Snapshot>>,
     meter: Meter,
     prometheus: PrometheusHandle,
-    limiter: Arc<Limiter>,
+    limiter: Arc<RateLimiter>,
     registry: Arc<Registry>,
     upstreams: Upstreams,
     policy: BreakerPolicy,
@@ -60,10 +60,12 @@ struct Shared {
 impl Gateway {
     /// A gateway with an empty snapshot (every key unknown until the first refresh). A provider
     /// client that cannot be built from the configuration (a bad proxy URL) is logged and
-    /// disables provider targets only; [`Gateway::try_new`] refuses it instead.
+    /// disables provider targets only; a Redis URL that does not parse is logged and Redis
+    /// taken as unreachable. [`Gateway::try_new`] refuses both instead.
     pub fn new(config: GatewayConfig, meter: Meter, metrics: PrometheusHandle) -> Gateway {
         let upstreams = Upstreams::lenient(&config);
-        Self::with_upstreams(config, meter, metrics, upstreams)
+        let limiter = RateLimiter::lenient(config.redis.as_ref());
+        Self::with_parts(config, meter, metrics, upstreams, limiter)
     }
 
     /// Like [`Gateway::new`], but a configuration error is an error.
@@ -73,14 +75,16 @@ impl Gateway {
         metrics: PrometheusHandle,
     ) -> Result<Gateway, Error> {
         let upstreams = Upstreams::new(&config)?;
-        Ok(Self::with_upstreams(config, meter, metrics, upstreams))
+        let limiter = RateLimiter::new(config.redis.as_ref())?;
+        Ok(Self::with_parts(config, meter, metrics, upstreams, limiter))
     }
 
-    fn with_upstreams(
+    fn with_parts(
         config: GatewayConfig,
         meter: Meter,
         prometheus: PrometheusHandle,
         upstreams: Upstreams,
+        limiter: RateLimiter,
     ) -> Gateway {
         let policy =
             BreakerPolicy { failures: config.breaker_failures, open_for: config.breaker_open };
@@ -90,7 +94,7 @@ impl Gateway {
                 snapshot: Arc::new(ArcSwap::from_pointee(Snapshot::default())),
                 meter,
                 prometheus,
-                limiter: Arc::new(Limiter::new()),
+                limiter: Arc::new(limiter),
                 registry: Arc::new(Registry::default()),
                 upstreams,
                 policy,
@@ -115,6 +119,8 @@ impl Gateway {
             shared.config.scrape_interval,
             shutdown.child_token(),
         ));
+        let limiter = shared.limiter.clone();
+        tokio::spawn(async move { limiter.warm_up().await });
         let graceful = GracefulShutdown::new();
         let mut http = hyper::server::conn::http1::Builder::new();
         // The timer enables hyper's default header-read timeout (slow clients cannot hold a
@@ -258,7 +264,22 @@ async fn inference(
         at,
     );
     let request_id = request_id_header(ledger.id);
-    let decision = shared.limiter.check(&key, &route);
+    let decision = match shared.limiter.check(&key, &route).await {
+        Ok(decision) => decision,
+        Err(Unavailable) => {
+            let error = ApiError::new(
+                ErrorCode::RateLimiterUnavailable,
+                "The rate limiter is unavailable; retry shortly.",
+            );
+            ledger.close(error.code.status().as_u16(), Usage::default());
+            let mut response = error_response(&error);
+            response.headers_mut().insert(RETRY_AFTER, HeaderValue::from(1));
+            if let Some(id) = request_id {
+                response.headers_mut().insert(HeaderName::from_static("x-request-id"), id);
+            }
+            return response;
+        }
+    };
     let mut response = if decision.allowed() {
         let stream = parsed.stream && endpoint.streams();
         let deadline = tokio::time::Instant::from_std(started + shared.config.overall_timeout);

@@ -118,6 +118,14 @@ pub struct Gateway {
     pub http_proxy: Option<String>,
     pub https_proxy: Option<String>,
     pub no_proxy: Option<String>,
+    /// `redis://host:port[/db]`: rate limits counted there, shared by every gateway replica.
+    /// Unset: each gateway counts on its own (so N replicas allow N times every limit).
+    pub redis_url: Option<String>,
+    /// While Redis is unreachable: `fail-open` (each gateway allows 1/`replicas` of every
+    /// limit) or `fail-closed` (limited requests get 503).
+    pub redis_on_unreachable: String,
+    /// How many gateways share the limits, for the share each allows while Redis is away.
+    pub replicas: u32,
 }
 
 /// budcluster: where budapp reaches it, and how it reconciles.
@@ -191,6 +199,9 @@ impl Default for Config {
                 http_proxy: None,
                 https_proxy: None,
                 no_proxy: None,
+                redis_url: None,
+                redis_on_unreachable: "fail-open".into(),
+                replicas: 1,
             },
             clusters: Clusters {
                 url: None,
@@ -296,6 +307,22 @@ impl Config {
                 "gateway.refresh_ms must be at least 50, gateway.try_timeout_secs and gateway.overall_timeout_secs at least 1"
             );
         }
+        if let Some(u) = &self.gateway.redis_url {
+            let parsed = url::Url::parse(u)
+                .with_context(|| format!("gateway.redis_url `{u}` is not a URL"))?;
+            if parsed.scheme() != "redis" || !parsed.has_host() {
+                bail!("gateway.redis_url must be `redis://host:port[/db]` (no TLS), not `{u}`");
+            }
+        }
+        if !matches!(self.gateway.redis_on_unreachable.as_str(), "fail-open" | "fail-closed") {
+            bail!(
+                "gateway.redis_on_unreachable must be `fail-open` or `fail-closed`, not `{}`",
+                self.gateway.redis_on_unreachable
+            );
+        }
+        if self.gateway.replicas == 0 {
+            bail!("gateway.replicas must be at least 1 (the gateways sharing the rate limits)");
+        }
         if let Some(u) = &self.gateway.app_url {
             url::Url::parse(u).with_context(|| format!("gateway.app_url `{u}` is not a URL"))?;
         }
@@ -393,6 +420,15 @@ impl Config {
             http_proxy: g.http_proxy.clone(),
             https_proxy: g.https_proxy.clone(),
             no_proxy: g.no_proxy.clone(),
+            redis: g.redis_url.as_ref().map(|url| {
+                let on_unreachable = match g.redis_on_unreachable.as_str() {
+                    "fail-closed" => bud_gateway::config::OnUnreachable::FailClosed,
+                    _ => bud_gateway::config::OnUnreachable::FailOpen {
+                        local_share: 1.0 / f64::from(g.replicas.max(1)),
+                    },
+                };
+                bud_gateway::config::RedisLimits::new(url.clone(), on_unreachable)
+            }),
             ..bud_gateway::GatewayConfig::default()
         }
     }
@@ -514,6 +550,47 @@ mod tests {
         let e =
             Config::load(None, &env(&[("BUD_DATABASE_URL", "mysql://x")])).unwrap_err().to_string();
         assert!(e.contains("database.url"), "{e}");
+    }
+
+    #[test]
+    fn redis_settings_reach_the_gateway_and_bad_ones_name_their_key() {
+        let c = Config::load(
+            None,
+            &env(&[
+                ("BUD_GATEWAY_REDIS_URL", "redis://127.0.0.1:6379/2"),
+                ("BUD_GATEWAY_REPLICAS", "4"),
+            ]),
+        )
+        .unwrap();
+        let redis = c.gateway_config().redis.unwrap();
+        assert_eq!(redis.url, "redis://127.0.0.1:6379/2");
+        assert_eq!(
+            redis.on_unreachable,
+            bud_gateway::config::OnUnreachable::FailOpen { local_share: 0.25 }
+        );
+        let c = Config::load(
+            None,
+            &env(&[
+                ("BUD_GATEWAY_REDIS_URL", "redis://r:6379"),
+                ("BUD_GATEWAY_REDIS_ON_UNREACHABLE", "fail-closed"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            c.gateway_config().redis.unwrap().on_unreachable,
+            bud_gateway::config::OnUnreachable::FailClosed
+        );
+        assert!(Config::load(None, &[]).unwrap().gateway_config().redis.is_none());
+        for (var, value, key) in [
+            ("BUD_GATEWAY_REDIS_URL", "rediss://r:6379", "gateway.redis_url"),
+            ("BUD_GATEWAY_REDIS_URL", "not a url", "gateway.redis_url"),
+            ("BUD_GATEWAY_REDIS_ON_UNREACHABLE", "shrug", "gateway.redis_on_unreachable"),
+            ("BUD_GATEWAY_REPLICAS", "0", "gateway.replicas"),
+            ("BUD_GATEWAY_REPLICAS", "many", "gateway.replicas"),
+        ] {
+            let e = Config::load(None, &env(&[(var, value)])).unwrap_err().to_string();
+            assert!(e.contains(key), "{var}={value}: {e}");
+        }
     }
 
     #[test]

@@ -52,7 +52,7 @@ pub async fn serve(
             bud_telemetry::metrics_handle(),
         )
         .context(
-            "gateway configuration (gateway.http_proxy, gateway.https_proxy, gateway.no_proxy)",
+            "gateway configuration (gateway.http_proxy, gateway.https_proxy, gateway.no_proxy, gateway.redis_url)",
         )?;
         let source = if only == Some(Only::Gateway) {
             let url = config

@@ -10,4 +10,5 @@ mod failures;
 mod limits;
 mod resilience;
 mod service;
+mod shared_limits;
 mod streaming;
