@@ -5,6 +5,7 @@
 //! the benchmark could not run at all (e.g. PostgreSQL unreachable).
 
 mod app;
+mod gateway;
 mod load;
 mod reconcile;
 
@@ -27,6 +28,13 @@ enum Command {
     /// budcluster's reconciler: endpoints across simulated clusters converged to RUNNING, and
     /// the store writes of passes that find nothing to change.
     Reconcile(reconcile::ReconcileArgs),
+    /// budgateway as a proxy hop: a mock upstream directly and through the gateway (key auth,
+    /// rate limits, metering on), with the gateway pinned to a CPU of its own; requests/s,
+    /// added latency, CPU time per request and memory, optionally a memory soak.
+    Gateway(gateway::GatewayArgs),
+    /// The gateway's process that `gateway` starts (internal).
+    #[command(hide = true)]
+    GatewayServer(gateway::server::ServerArgs),
 }
 
 /// How a benchmark that ran to the end went.
@@ -43,6 +51,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::App(args) => app::run(&args),
         Command::Reconcile(args) => reconcile::run(&args),
+        Command::Gateway(args) => gateway::run(&args),
+        Command::GatewayServer(args) => gateway::server::serve(&args),
     };
     match result {
         Ok(Verdict::Clean) => ExitCode::SUCCESS,
