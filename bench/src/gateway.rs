@@ -168,10 +168,8 @@ pub fn run(args: &GatewayArgs) -> anyhow::Result<Verdict> {
     ))?;
 
     let mut gateway = GatewayProcess::spawn(args, &replicas, false)?;
-    let mut bare = match args.bare_hop {
-        true => Some(GatewayProcess::spawn(args, &replicas, true)?),
-        false => None,
-    };
+    let mut bare =
+        if args.bare_hop { Some(GatewayProcess::spawn(args, &replicas, true)?) } else { None };
     println!("{}", describe_setup(args, gateway.pid));
     let scraper = Scraper::start(gateway.address, args.scrape_secs)?;
     let measured = loader_runtime.block_on(async {
@@ -294,7 +292,11 @@ async fn measure(
         measure: Duration::from_secs(args.seconds),
         args,
     };
-    check_answers(&bench.client, &direct, &through).await?;
+    let bare_destination =
+        bare.map(|bare| Destination { base: format!("http://{}", bare.address), key: None });
+    let mut destinations = vec![("direct", &direct), ("through the gateway", &through)];
+    destinations.extend(bare_destination.as_ref().map(|d| ("through the bare proxy", d)));
+    check_answers(&bench.client, &destinations).await?;
 
     let concurrency = usize::from(args.concurrency);
     let plan = [
@@ -316,14 +318,12 @@ async fn measure(
         progress("direct");
         // The direct path has no proxy: the gateway's pid only serves to wait until it is idle.
         let direct_run = bench.run(chat(&direct, stream)?, load, gateway.pid).await?;
-        let bare_run = match bare {
-            Some(bare) => {
+        let bare_run = match (bare, &bare_destination) {
+            (Some(bare), Some(destination)) => {
                 progress("through the bare proxy");
-                let destination =
-                    Destination { base: format!("http://{}", bare.address), key: None };
-                Some(bench.run(chat(&destination, stream)?, load, bare.pid).await?)
+                Some(bench.run(chat(destination, stream)?, load, bare.pid).await?)
             }
-            None => None,
+            _ => None,
         };
         progress("through the gateway");
         let gateway_run = bench.run(chat(&through, stream)?, load, gateway.pid).await?;
@@ -451,10 +451,9 @@ impl Bench<'_> {
 /// gateway fails here with its answer rather than as a table of errors.
 async fn check_answers(
     client: &HttpClient,
-    direct: &Destination,
-    through: &Destination,
+    destinations: &[(&str, &Destination)],
 ) -> anyhow::Result<()> {
-    for (path, destination) in [("direct", direct), ("through the gateway", through)] {
+    for &(path, destination) in destinations {
         for stream in [false, true] {
             let answer = client.send(chat(destination, stream)?(0)?).await?;
             let body = String::from_utf8_lossy(&answer.body);
@@ -1066,27 +1065,20 @@ struct Drift {
 }
 
 impl Drift {
-    fn flat(&self) -> bool {
-        (self.last_over_first - 1.0).abs() <= TARGET_RSS_DRIFT
-            && self.max_over_min <= 1.0 + TARGET_RSS_DRIFT
-    }
-}
-
-impl Soak {
-    /// The first and last minute's mean (a quarter of the soak if it is shorter than 4
-    /// minutes), and the extremes.
-    fn drift(&self) -> Drift {
-        let end = self.samples.last().map_or(Duration::ZERO, |(at, _)| *at);
+    /// The first and last minute's mean of `samples` (a quarter of their span if it is
+    /// shorter than 4 minutes), and the extremes.
+    fn of(samples: &[(Duration, u64)]) -> Drift {
+        let end = samples.last().map_or(Duration::ZERO, |(at, _)| *at);
         let window = Duration::from_secs(60).min(end / 4).max(Duration::from_secs(1));
         let mean = |keep: &dyn Fn(Duration) -> bool| {
             let picked: Vec<u64> =
-                self.samples.iter().filter(|(at, _)| keep(*at)).map(|(_, kib)| *kib).collect();
+                samples.iter().filter(|(at, _)| keep(*at)).map(|(_, kib)| *kib).collect();
             load::ratio(picked.iter().sum::<u64>() as f64, picked.len() as f64)
         };
         let first_kib = mean(&|at| at < window);
         let last_kib = mean(&|at| at + window > end);
-        let min_kib = self.samples.iter().map(|(_, kib)| *kib).min().unwrap_or(0);
-        let max_kib = self.samples.iter().map(|(_, kib)| *kib).max().unwrap_or(0);
+        let min_kib = samples.iter().map(|(_, kib)| *kib).min().unwrap_or(0);
+        let max_kib = samples.iter().map(|(_, kib)| *kib).max().unwrap_or(0);
         Drift {
             window,
             first_kib,
@@ -1096,6 +1088,17 @@ impl Soak {
             last_over_first: load::ratio(last_kib, first_kib),
             max_over_min: load::ratio(max_kib as f64, min_kib as f64),
         }
+    }
+
+    fn flat(&self) -> bool {
+        (self.last_over_first - 1.0).abs() <= TARGET_RSS_DRIFT
+            && self.max_over_min <= 1.0 + TARGET_RSS_DRIFT
+    }
+}
+
+impl Soak {
+    fn drift(&self) -> Drift {
+        Drift::of(&self.samples)
     }
 
     fn render(&self) -> String {
@@ -1154,4 +1157,46 @@ fn percent(fraction: f64) -> String {
 
 fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples(kib: impl IntoIterator<Item = u64>) -> Vec<(Duration, u64)> {
+        kib.into_iter().enumerate().map(|(s, k)| (Duration::from_secs(s as u64), k)).collect()
+    }
+
+    #[test]
+    fn flat_memory_is_flat() {
+        let drift = Drift::of(&samples(std::iter::repeat_n(40_000, 600)));
+        assert_eq!(drift.window, Duration::from_secs(60));
+        assert!(drift.flat());
+        assert!((drift.last_over_first - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn memory_growing_by_a_fifth_is_not_flat() {
+        // 40 MiB rising steadily to 48 MiB over ten minutes.
+        let drift = Drift::of(&samples((0..600).map(|s| 40_960 + s * 14)));
+        assert!(!drift.flat());
+        assert!(drift.last_over_first > 1.15 && drift.max_over_min > 1.15);
+    }
+
+    #[test]
+    fn a_short_soak_compares_quarters() {
+        let drift = Drift::of(&samples([100, 100, 100, 100, 100, 100, 100, 100, 200]));
+        assert_eq!(drift.window, Duration::from_secs(2));
+        assert!((drift.first_kib - 100.0).abs() < 1e-9);
+        assert!((drift.last_kib - 150.0).abs() < 1e-9);
+        assert!(!drift.flat());
+    }
+
+    #[test]
+    fn the_usage_line_is_parsed() {
+        let counts = parse_counts("recorded=10 written=9 dropped=1").ok();
+        let fields = counts.map(|c| (c.recorded, c.written, c.dropped));
+        assert_eq!(fields, Some((10, 9, 1)));
+        assert!(parse_counts("recorded=10 written=9").is_err());
+    }
 }

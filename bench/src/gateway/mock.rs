@@ -259,3 +259,45 @@ impl Body for MockBody {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::load::HttpClient;
+
+    async fn ask(address: SocketAddr, body: &'static [u8]) -> String {
+        let request = Request::post(format!("http://{address}/v1/chat/completions"))
+            .body(crate::load::Body::new(Bytes::from_static(body)));
+        let answer = match request {
+            Ok(request) => HttpClient::new(1).send(request).await.ok(),
+            Err(_) => None,
+        };
+        answer.map(|a| String::from_utf8_lossy(&a.body).into_owned()).unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn answers_a_completion_and_streams_token_by_token() {
+        let shutdown = CancellationToken::new();
+        let replicas = start(2, MockConfig { chunks: 3 }, shutdown.clone()).await.ok();
+        let Some(&[address, _]) = replicas.as_deref() else {
+            panic!("the mock did not start two replicas")
+        };
+
+        let completion = ask(address, br#"{"model":"bench"}"#).await;
+        assert!(completion.contains(r#""object":"chat.completion""#), "{completion}");
+        assert!(completion.contains(r#""completion_tokens":3"#), "{completion}");
+
+        let stream = ask(address, br#"{"model":"bench","stream":true}"#).await;
+        assert_eq!(stream.matches("data: ").count(), 3 + 2, "{stream}");
+        assert!(stream.ends_with("data: [DONE]\n\n") && !stream.contains("usage"), "{stream}");
+
+        let with_usage = ask(
+            address,
+            br#"{"model":"bench","stream":true,"stream_options":{"include_usage":true}}"#,
+        )
+        .await;
+        assert_eq!(with_usage.matches("data: ").count(), 3 + 3, "{with_usage}");
+        assert!(with_usage.contains(r#""usage":{"#), "{with_usage}");
+        shutdown.cancel();
+    }
+}

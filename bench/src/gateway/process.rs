@@ -72,15 +72,7 @@ impl Clock {
 
     fn stat_cpu_time(&self, path: &str) -> anyhow::Result<Duration> {
         let stat = std::fs::read_to_string(path).with_context(|| format!("reading {path}"))?;
-        // The command name (field 2) is in parentheses and may contain spaces: count the
-        // fields after its closing parenthesis, which start at field 3 (state).
-        let after_name = stat.rsplit_once(')').map(|(_, rest)| rest).context("no ')' in stat")?;
-        let fields: Vec<&str> = after_name.split_whitespace().collect();
-        let field = |n: usize| -> anyhow::Result<u64> {
-            let text = fields.get(n - 3).with_context(|| format!("{path} has no field {n}"))?;
-            text.parse().with_context(|| format!("field {n} of {path} is not a number"))
-        };
-        let ticks = field(14)? + field(15)?; // utime + stime
+        let ticks = cpu_ticks(&stat).with_context(|| format!("{path} is not a stat line"))?;
         Ok(Duration::from_secs_f64(ticks as f64 / self.ticks_per_second as f64))
     }
 }
@@ -118,9 +110,42 @@ pub fn pin_this_process(cpus: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// utime + stime (fields 14 and 15) of a `/proc/<pid>/stat` line, in clock ticks.
+fn cpu_ticks(stat: &str) -> Option<u64> {
+    // The command name (field 2) is in parentheses and may contain spaces and parentheses:
+    // count the fields after its last closing parenthesis, which start at field 3 (state).
+    let (_, after_name) = stat.rsplit_once(')')?;
+    let mut fields = after_name.split_whitespace().skip(14 - 3);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
 fn proc_dir(pid: Pid) -> String {
     match pid {
         Pid::This => "/proc/self".to_owned(),
         Pid::Other(pid) => format!("/proc/{pid}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_ticks_are_counted_after_the_command_name() {
+        let stat = "4242 (bud (bench) x) S 1 4242 4242 0 -1 4194560 1200 0 0 0 250 37 0 0 20 0 \
+                    3 0 100 1000000 2000 18446744073709551615";
+        assert_eq!(cpu_ticks(stat), Some(287));
+        assert_eq!(cpu_ticks("4242 (short) S 1 2"), None);
+    }
+
+    #[test]
+    fn this_process_has_a_cpu_time_and_memory() {
+        let clock = Clock::new();
+        assert!(clock.cpu_time(Pid::This).is_ok());
+        assert!(!clock.cpu_by_thread(Pid::This).unwrap_or_default().is_empty());
+        let memory = Memory::read(Pid::This).unwrap_or_default();
+        assert!(memory.rss_kib > 0 && memory.peak_kib >= memory.rss_kib);
     }
 }

@@ -252,3 +252,21 @@ impl UsageSink for CountingSink {
         Box::pin(async { Ok(()) })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_snapshot_admits_the_key_to_the_route_over_every_replica() {
+        let upstreams = ["127.0.0.1:1".to_owned(), "127.0.0.1:2".to_owned()];
+        let snapshot = snapshot(&upstreams);
+        let hash: [u8; 32] = Sha256::digest(KEY.as_bytes()).into();
+        let key = snapshot.key(&hash, 0).cloned();
+        let route = key.as_ref().and_then(|k| snapshot.route(k.project_id, MODEL));
+        let targets = route.map(|r| r.targets.len());
+        assert_eq!(targets, Some(2));
+        assert!(key.is_some_and(|k| k.rpm.is_some() && k.tpm.is_some()));
+        assert!(route.is_some_and(|r| r.rpm.is_some() && r.tpm.is_some()));
+    }
+}

@@ -38,6 +38,15 @@ pub fn metrics_handle() -> PrometheusHandle {
                 .unwrap_or_else(|_| PrometheusBuilder::new());
             let recorder = builder.build_recorder();
             let handle = recorder.handle();
+            // Histograms keep their samples until upkeep folds them in; without a scraper
+            // calling `render`, that would grow with every request. One thread does it.
+            let upkeep = handle.clone();
+            let _ = std::thread::Builder::new().name("metrics-upkeep".into()).spawn(move || {
+                loop {
+                    std::thread::sleep(std::time::Duration::from_secs(5));
+                    upkeep.run_upkeep();
+                }
+            });
             // Another recorder may already be installed (an embedding program's); then our
             // handle still renders what this recorder would have collected: nothing. Say so.
             if metrics::set_global_recorder(recorder).is_err() {
